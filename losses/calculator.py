@@ -1,0 +1,89 @@
+"""``LossCalculator``: one interface in front of every loss family.
+
+``LossCalculator.from_config(cfg)`` looks up the model type's loss family in the registry
+(``adapters/registry.py``) and returns that family's subclass:
+
+* ``losses.taming_loss.TamingLossCalculator`` -- taming's real ``VQLPIPSWithDiscriminator``
+* ``losses.vqvae2_loss.VQVAE2LossCalculator`` -- VQ-VAE-2 MSE + latent loss
+* ``losses.dinovq_loss.DinoVQLossCalculator`` -- DinoVQ distillation losses
+
+The trainer (``train/trainer.py``) only uses the methods below, so it never needs to know
+which family it drives.  Generator and discriminator steps are separate; the
+discriminator step reuses the generator step's reconstructions (detached), so a training
+iteration runs the generator once.
+
+Families keep taming's contract for logs: ``(loss, log)`` with ``"{split}/name"`` keys and
+detached scalar tensors as values.  A loss never logs or prints by itself, except the
+single ``use_gan: false`` warning.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Dict, Optional
+
+import torch
+from torch import nn
+
+
+@dataclass
+class GeneratorOutput:
+    """What a generator step hands to the trainer and to the discriminator step."""
+
+    loss: torch.Tensor                      # scalar to backpropagate
+    log: Dict[str, torch.Tensor]            # "{split}/name" -> detached scalar
+    inputs: torch.Tensor                    # the batch images, (B, C, H, W) in [-1, 1]
+    reconstructions: torch.Tensor           # detached reconstructions, same shape
+    indices: Optional[Any] = None           # code indices (tensor, or tuple of tensors for vqvae2)
+    extra: Dict[str, Any] = field(default_factory=dict)
+
+
+class LossCalculator(nn.Module):
+    """Base class.  Subclasses implement one loss family."""
+
+    family: str = ""
+
+    # ---- construction ------------------------------------------------------------
+    @classmethod
+    def from_config(cls, cfg) -> "LossCalculator":
+        """Build the calculator for ``cfg`` (an ``ExperimentConfig``)."""
+        from adapters.registry import get_loss_implementation, get_model_type
+
+        spec = get_model_type(cfg.model_type)
+        impl = get_loss_implementation(spec.loss_family)
+        if cls is not LossCalculator and not issubclass(impl, cls):
+            raise TypeError(f"{cls.__name__}.from_config: config is for loss family {spec.loss_family!r}")
+        return impl.build(cfg)
+
+    @classmethod
+    def build(cls, cfg) -> "LossCalculator":  # pragma: no cover - abstract
+        raise NotImplementedError
+
+    # ---- the GAN schedule --------------------------------------------------------
+    use_gan: bool = False
+    discriminator: Optional[nn.Module] = None
+
+    def disc_factor_at(self, global_step: int) -> float:
+        """The effective weight of the GAN term at ``global_step`` (0 when it is off)."""
+        raise NotImplementedError
+
+    def should_update_discriminator(self, global_step: int) -> bool:
+        """True when the trainer must run a discriminator step at ``global_step``."""
+        raise NotImplementedError
+
+    # ---- steps ---------------------------------------------------------------------
+    def generator_step(self, model: nn.Module, batch: Dict[str, torch.Tensor], global_step: int,
+                       split: str = "train") -> GeneratorOutput:
+        """Run ``model`` on ``batch["image"]`` and return the generator loss and logs.
+
+        ``model`` may be wrapped (DDP); ``batch`` may carry family-specific entries
+        (``"dino_features"`` for DinoVQ).  No discriminator parameter receives a gradient.
+        """
+        raise NotImplementedError
+
+    def discriminator_step(self, out: GeneratorOutput, global_step: int,
+                           split: str = "train"):
+        """Discriminator loss on ``out.inputs`` vs ``out.reconstructions`` (both detached).
+
+        Returns ``(loss, log)``.  No generator parameter receives a gradient.
+        """
+        raise NotImplementedError

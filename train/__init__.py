@@ -1,0 +1,1 @@
+"""Config loading, validation, migration, the training loop and the command line."""

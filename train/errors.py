@@ -1,0 +1,10 @@
+"""The one exception type for unusable user input (exit code 2, one clear line)."""
+
+
+class UserError(Exception):
+    """Bad input: a config, checkpoint, image or command-line value the tool cannot use.
+
+    The message names the problem and the fix.  The CLI prints it as one line and exits 2.
+    """
+
+    exit_code = 2
