@@ -127,3 +127,24 @@ class ExperimentConfig:
     # Upstream sections kept verbatim (taming YAML ``data`` and ``lightning``).
     upstream: Dict[str, Any] = field(default_factory=dict)
     source: SourceInfo = field(default_factory=SourceInfo)
+
+
+def as_dict(section) -> Dict[str, Any]:
+    """A plain ``dict`` copy of a config section (dataclass field, DictConfig or dict)."""
+    from omegaconf import DictConfig, OmegaConf
+
+    if section is None:
+        return {}
+    if isinstance(section, DictConfig):
+        return OmegaConf.to_container(section, resolve=True)
+    return {k: (as_dict(v) if isinstance(v, (dict, DictConfig)) else v) for k, v in dict(section).items()}
+
+
+def make_config(**kwargs) -> ExperimentConfig:
+    """Build an ``ExperimentConfig`` in code (tests, benchmarks): nested sections may be dicts."""
+    sections = {"lossconfig": LossSection, "train": TrainSection, "data": DataSection,
+                "teacher": TeacherSection, "source": SourceInfo}
+    for key, cls in sections.items():
+        if isinstance(kwargs.get(key), dict):
+            kwargs[key] = cls(**kwargs[key])
+    return ExperimentConfig(**kwargs)
