@@ -60,7 +60,13 @@ class LossCalculator(nn.Module):
 
     # ---- the GAN schedule --------------------------------------------------------
     use_gan: bool = False
-    discriminator: Optional[nn.Module] = None
+    # No class-level default here: a class attribute ``discriminator = None`` would shadow
+    # the submodule that nn.Module registers when a subclass assigns one.
+    discriminator: Optional[nn.Module]
+
+    def __init__(self):
+        super().__init__()
+        self.discriminator = None   # subclasses assign their discriminator (or keep None)
 
     def disc_factor_at(self, global_step: int) -> float:
         """The effective weight of the GAN term at ``global_step`` (0 when it is off)."""
