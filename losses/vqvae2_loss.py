@@ -1,0 +1,250 @@
+"""The ``vqvae2`` loss family: VQ-VAE-2's objective, with optional LPIPS and PatchGAN terms.
+
+Generator loss (rosinality/vq-vae-2-pytorch ``train_vqvae.py``: MSE + 0.25 x latent loss;
+the optional terms follow taming's ``VQLPIPSWithDiscriminator``, Esser et al. 2021)::
+
+    nll   = pixelloss_weight * MSE(xrec, x) + perceptual_weight * LPIPS(x, xrec)
+    total = nll + latent_loss_weight * latent_loss
+          + d_weight * disc_factor * g_loss          (g_loss = -mean D(xrec))
+
+``d_weight`` is VQGAN's adaptive weight at the model's last decoder layer.  When the GAN
+term is zero (``use_gan: false`` or ``global_step < disc_start``) the discriminator is not
+run and the adaptive weight's gradients are not taken: the loss value is what it would be
+with the term multiplied by 0, for less work.  With ``use_gan: false`` no discriminator
+is built at all.
+
+Accepted ``lossconfig.params`` are the fields of :class:`VQVAE2Loss` (the class the
+family's ``lossconfig.target``, ``losses.vqvae2_loss.VQVAE2Loss``, names); ``train`` gives
+``use_gan``, ``disc_update_every``, ``vgg_ckpt_path`` and ``allow_random_vgg``.
+
+    calc = LossCalculator.from_config(cfg)        # cfg.model_type == "vqvae2"
+    out = calc.generator_step(model, {"image": x}, global_step)
+    if calc.should_update_discriminator(global_step):
+        d_loss, d_log = calc.discriminator_step(out, global_step)
+"""
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import warnings
+from dataclasses import dataclass
+from typing import Any, Dict, Mapping, Optional
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from losses import gan
+from losses.calculator import GeneratorOutput, LossCalculator
+from train.errors import UserError
+
+
+@dataclass
+class VQVAE2Loss:
+    """The accepted ``lossconfig.params`` of the vqvae2 family, with their defaults."""
+
+    # Weight of the latent (commitment) loss; rosinality's train_vqvae.py uses 0.25.
+    latent_loss_weight: float = 0.25
+    # Weight of the pixel MSE reconstruction loss (rosinality: 1).
+    pixelloss_weight: float = 1.0
+    # Weight of taming's LPIPS; 0 (rosinality's objective) needs no VGG file.
+    perceptual_weight: float = 0.0
+    # Global step from which the GAN term and discriminator updates start.
+    disc_start: int = 0
+    # Multiplier of the adaptive GAN weight (taming's disc_weight).
+    disc_weight: float = 1.0
+    # GAN term factor once started (taming's disc_factor); forced to 0 by use_gan: false.
+    disc_factor: float = 1.0
+    # PatchGAN: input channels, depth, base width, ActNorm instead of BatchNorm.
+    disc_in_channels: int = 3
+    disc_num_layers: int = 3
+    disc_ndf: int = 64
+    use_actnorm: bool = False
+    # Discriminator loss: hinge | vanilla.
+    disc_loss: str = "hinge"
+
+
+def _loss_params(raw: Mapping[str, Any]) -> VQVAE2Loss:
+    """``lossconfig.params`` -> :class:`VQVAE2Loss`; unknown names and bad values -> UserError."""
+    fields = {f.name: f for f in dataclasses.fields(VQVAE2Loss)}
+    for key in raw:
+        if key not in fields:
+            near = difflib.get_close_matches(key, list(fields), n=1, cutoff=0.6)
+            hint = f" Did you mean {near[0]!r}?" if near else ""
+            raise UserError(f"lossconfig.params.{key} is not a vqvae2 loss parameter.{hint} "
+                            f"Accepted: {', '.join(fields)}")
+    params = VQVAE2Loss(**raw)
+    for name, f in fields.items():
+        value = getattr(params, name)
+        if f.type in ("float", "int"):
+            if isinstance(value, bool) or not isinstance(value, (int, float)):
+                raise UserError(f"lossconfig.params.{name} must be a number, got {value!r}")
+            if value < 0:
+                raise UserError(f"lossconfig.params.{name} must be >= 0, got {value!r}")
+            if f.type == "int" and int(value) != value:
+                raise UserError(f"lossconfig.params.{name} must be an integer, got {value!r}")
+            setattr(params, name, int(value) if f.type == "int" else float(value))
+        elif f.type == "bool" and not isinstance(value, bool):
+            raise UserError(f"lossconfig.params.{name} must be true or false, got {value!r}")
+    if params.disc_loss not in gan.D_LOSSES:
+        raise UserError(f"lossconfig.params.disc_loss {params.disc_loss!r} is unknown; "
+                        f"valid choices: {', '.join(sorted(gan.D_LOSSES))}")
+    for name in ("disc_in_channels", "disc_num_layers", "disc_ndf"):
+        if getattr(params, name) < 1:
+            raise UserError(f"lossconfig.params.{name} must be >= 1, got {getattr(params, name)}")
+    return params
+
+
+def _unwrap(model: nn.Module) -> nn.Module:
+    """The module inside a (Distributed)DataParallel wrapper."""
+    return getattr(model, "module", model)
+
+
+class VQVAE2LossCalculator(LossCalculator):
+    """VQ-VAE-2 loss behind the ``LossCalculator`` interface (see the module docstring).
+
+    Submodules, named as in taming's loss so state dicts line up: ``discriminator``
+    (only when ``use_gan``) and ``perceptual_loss`` (only when ``perceptual_weight > 0``).
+    """
+
+    family = "vqvae2"
+
+    def __init__(self, params: Optional[VQVAE2Loss] = None, use_gan: bool = True,
+                 disc_update_every: int = 1, perceptual_loss: Optional[nn.Module] = None):
+        super().__init__()
+        params = params or VQVAE2Loss()
+        if disc_update_every < 1:
+            raise UserError(f"train.disc_update_every must be >= 1, got {disc_update_every}")
+        if params.perceptual_weight > 0 and perceptual_loss is None:
+            raise ValueError("perceptual_weight > 0 needs a perceptual_loss module")
+        self.params = params
+        self.latent_loss_weight = params.latent_loss_weight
+        self.pixelloss_weight = params.pixelloss_weight
+        self.perceptual_weight = params.perceptual_weight
+        self.disc_start = params.disc_start
+        self.disc_weight = params.disc_weight
+        self.disc_update_every = int(disc_update_every)
+        self.use_gan = bool(use_gan)
+        if self.use_gan:
+            self.disc_factor = params.disc_factor
+            self.discriminator = gan.build_discriminator(
+                in_channels=params.disc_in_channels, n_layers=params.disc_num_layers,
+                ndf=params.disc_ndf, use_actnorm=params.use_actnorm)
+            self.d_loss_fn = gan.get_d_loss(params.disc_loss)
+        else:
+            # Seed 002: use_gan false means disc_factor 0, said once, and no discriminator.
+            self.disc_factor = 0.0
+            self.discriminator = None
+            self.d_loss_fn = None
+            warnings.warn("use_gan is false: disc_factor is set to 0, no discriminator is built "
+                          "or trained; the vqvae2 loss is reconstruction + latent"
+                          + (" + perceptual" if params.perceptual_weight > 0 else ""),
+                          UserWarning, stacklevel=2)
+        if perceptual_loss is not None and params.perceptual_weight > 0:
+            self.perceptual_loss = perceptual_loss.eval()
+            for p in self.perceptual_loss.parameters():
+                p.requires_grad_(False)
+        else:
+            self.perceptual_loss = None
+
+    # ---- construction --------------------------------------------------------------
+    @classmethod
+    def build(cls, cfg) -> "VQVAE2LossCalculator":
+        from train.schema import as_dict
+
+        from adapters.registry import loss_family_of_target
+
+        target = getattr(cfg.lossconfig, "target", None)
+        if target and loss_family_of_target(target) != cls.family:
+            raise UserError(f"model_type 'vqvae2' takes the vqvae2 loss family, but lossconfig.target "
+                            f"is {target!r}. Remove lossconfig.target (or set it to "
+                            "'losses.vqvae2_loss.VQVAE2Loss'); for taming's loss use model_type "
+                            "'TamingVQGAN'.")
+        params = _loss_params(as_dict(cfg.lossconfig.params))
+        model_in = as_dict(cfg.model_args).get("in_channel", 3)
+        if params.disc_in_channels != model_in and cfg.train.use_gan:
+            raise UserError(f"lossconfig.params.disc_in_channels is {params.disc_in_channels} but the "
+                            f"model makes {model_in}-channel images (model_args.in_channel); set them equal")
+        perceptual = None
+        if params.perceptual_weight > 0:
+            from losses.perceptual import build_taming_lpips
+
+            perceptual = build_taming_lpips(vgg_ckpt_path=cfg.train.vgg_ckpt_path,
+                                            allow_random_vgg=cfg.train.allow_random_vgg)
+        return cls(params, use_gan=cfg.train.use_gan, disc_update_every=cfg.train.disc_update_every,
+                   perceptual_loss=perceptual)
+
+    def train(self, mode: bool = True):
+        super().train(mode)
+        # LPIPS is a fixed metric: its dropout layers stay off in training too.
+        if self.perceptual_loss is not None:
+            self.perceptual_loss.eval()
+        return self
+
+    # ---- the GAN schedule ------------------------------------------------------------
+    def disc_factor_at(self, global_step: int) -> float:
+        return gan.disc_factor_at(self.disc_factor, global_step, self.disc_start, self.use_gan)
+
+    def should_update_discriminator(self, global_step: int) -> bool:
+        return (self.use_gan and self.discriminator is not None and global_step >= self.disc_start
+                and global_step % self.disc_update_every == 0)
+
+    # ---- steps -----------------------------------------------------------------------
+    def generator_step(self, model: nn.Module, batch: Dict[str, torch.Tensor], global_step: int,
+                       split: str = "train") -> GeneratorOutput:
+        x = batch["image"]
+        xrec, latent_loss, indices = model(x, return_indices=True)
+        latent = latent_loss.mean()   # rosinality's models return shape (1,) (or (n_gpu,))
+        rec_loss = F.mse_loss(xrec.float(), x.float())
+        nll = self.pixelloss_weight * rec_loss
+        zero = rec_loss.new_zeros(())
+        p_loss = zero
+        if self.perceptual_loss is not None:
+            p_loss = self.perceptual_loss(x.contiguous().float(), xrec.contiguous().float()).mean()
+            nll = nll + self.perceptual_weight * p_loss
+        total = nll + self.latent_loss_weight * latent
+
+        disc_factor = self.disc_factor_at(global_step)
+        g_loss, d_weight = zero, zero
+        if disc_factor > 0:
+            # Frozen discriminator: the generator loss must not leave gradients in it.
+            with gan.requires_grad_off(self.discriminator):
+                g_loss = -self.discriminator(xrec.contiguous()).mean()
+            last_layer = _unwrap(model).get_last_layer()
+            if torch.is_grad_enabled() and last_layer.requires_grad and g_loss.requires_grad:
+                d_weight = gan.adaptive_weight(nll, g_loss, last_layer, self.disc_weight)
+            # else: evaluation without a graph; taming uses weight 0 there as well.
+            total = total + d_weight * disc_factor * g_loss
+
+        log = {
+            f"{split}/total_loss": total.detach().clone(),
+            f"{split}/rec_loss": rec_loss.detach(),
+            f"{split}/latent_loss": latent.detach(),
+            f"{split}/p_loss": p_loss.detach(),
+            f"{split}/nll_loss": nll.detach(),
+            f"{split}/g_loss": g_loss.detach(),
+            f"{split}/d_weight": d_weight.detach(),
+            f"{split}/disc_factor": torch.tensor(float(disc_factor)),
+        }
+        return GeneratorOutput(loss=total, log=log, inputs=x.detach(), reconstructions=xrec.detach(),
+                               indices=tuple(i.detach() for i in indices))
+
+    def discriminator_step(self, out: GeneratorOutput, global_step: int, split: str = "train"):
+        if not self.use_gan or self.discriminator is None:
+            raise RuntimeError("discriminator_step called with use_gan false: there is no "
+                               "discriminator (check should_update_discriminator first)")
+        disc_factor = self.disc_factor_at(global_step)
+        # Both inputs are detached: no gradient reaches the generator.
+        logits_real = self.discriminator(out.inputs.detach().contiguous())
+        logits_fake = self.discriminator(out.reconstructions.detach().contiguous())
+        d_loss = disc_factor * self.d_loss_fn(logits_real, logits_fake)
+        log = {
+            f"{split}/disc_loss": d_loss.detach().clone(),
+            f"{split}/logits_real": logits_real.detach().mean(),
+            f"{split}/logits_fake": logits_fake.detach().mean(),
+            f"{split}/disc_factor": torch.tensor(float(disc_factor)),
+        }
+        return d_loss, log
+
+
+__all__ = ["VQVAE2Loss", "VQVAE2LossCalculator"]
