@@ -14,6 +14,9 @@ torch.set_num_threads(1)
 
 @pytest.fixture
 def tiny_ddconfig():
-    """A taming ddconfig small enough for CPU tests (32 px in, 8x8 latent)."""
-    return dict(double_z=False, z_channels=8, resolution=32, in_channels=3, out_ch=3, ch=16,
+    """A taming ddconfig small enough for CPU tests (32 px in, 8x8 latent).
+
+    ch is 32 because taming's GroupNorm uses 32 groups: every width must be a multiple of 32.
+    """
+    return dict(double_z=False, z_channels=8, resolution=32, in_channels=3, out_ch=3, ch=32,
                 ch_mult=[1, 2, 2], num_res_blocks=1, attn_resolutions=[8], dropout=0.0)
