@@ -1,0 +1,559 @@
+"""Read every config shape into one normalized :class:`~train.schema.ExperimentConfig`.
+
+Three shapes are recognised by their keys:
+
+* legacy JSON experiment files (seed 002): ``model_type`` + ``model_args`` (with
+  ``model_variant``, ``lossconfig``) + ``train_args``;
+* taming-transformers / latent-diffusion YAML: ``model.target`` + ``model.params``
+  (``ddconfig``, ``lossconfig``), plus ``data`` and ``lightning`` sections;
+* this tool's own YAML/JSON (the schema's shape; see ``train/schema.py``).
+
+Keys a legacy file carries that the tool does not use are kept in ``extras`` and reported
+by ``validate`` as warnings.  Upstream ``data`` / ``lightning`` sections are kept in
+``upstream`` and never stop validation or model building.
+
+    cfg = load_config("configs/legacy/taming_emavq_nogan.json", ["train.max_steps=100"])
+
+The loader works in two steps so that ``validate`` can report every problem at once:
+:func:`read_document` parses the file (unusable input -> ``ConfigFileError``, exit 2),
+:func:`normalize` maps it to a plain dict in the schema's shape and records, for each
+normalized key, where it lives in the source file (used by ``validate --fix``);
+:func:`to_structured` type-checks that dict against the schema.
+"""
+from __future__ import annotations
+
+import copy
+import dataclasses
+import difflib
+import json
+import os
+from dataclasses import dataclass, field
+from typing import Any, Dict, Iterable, List, Optional, Sequence, Tuple
+
+import yaml
+from omegaconf import DictConfig, OmegaConf
+from omegaconf.errors import OmegaConfBaseException
+
+from train.errors import UserError
+from train.schema import (DataSection, ExperimentConfig, LossSection, SourceInfo, TeacherSection,
+                          TrainSection)
+
+
+class ConfigFileError(UserError):
+    """The file is missing, empty, unparseable, a directory, or not a config at all."""
+
+
+# ----------------------------------------------------------------------------------
+# Legacy ``train_args`` spellings -> (section, field).  Users' trainers varied; these are
+# the names seen in the wild for the same settings.
+TRAIN_RENAMES: Dict[str, Tuple[str, str]] = {
+    "lr": ("train", "learning_rate"),
+    "base_lr": ("train", "base_learning_rate"),
+    "epochs": ("train", "max_epochs"),
+    "num_epochs": ("train", "max_epochs"),
+    "n_epochs": ("train", "max_epochs"),
+    "num_steps": ("train", "max_steps"),
+    "total_steps": ("train", "max_steps"),
+    "max_iters": ("train", "max_steps"),
+    "steps": ("train", "max_steps"),
+    "grad_accum_steps": ("train", "accumulate_grad_batches"),
+    "gradient_accumulation_steps": ("train", "accumulate_grad_batches"),
+    "grad_clip_norm": ("train", "grad_clip"),
+    "clip_grad": ("train", "grad_clip"),
+    "max_grad_norm": ("train", "grad_clip"),
+    "disc_update_freq": ("train", "disc_update_every"),
+    "disc_update_interval": ("train", "disc_update_every"),
+    "log_interval": ("train", "log_every"),
+    "save_interval": ("train", "ckpt_every"),
+    "save_every": ("train", "ckpt_every"),
+    "sample_interval": ("train", "image_every"),
+    "image_size": ("data", "image_size"),
+    "img_size": ("data", "image_size"),
+    "resolution": ("data", "image_size"),
+    "crop_size": ("data", "image_size"),
+    "data_path": ("data", "path"),
+    "data_dir": ("data", "path"),
+    "train_dir": ("data", "path"),
+    "train_data": ("data", "path"),
+    "val_dir": ("data", "val_path"),
+    "val_data": ("data", "val_path"),
+}
+
+# Constructor arguments each model type understands in ``model_args`` (besides what the
+# file already has); used to reject typos in ``model_args.*`` overrides.
+MODEL_ARG_NAMES: Dict[str, Tuple[str, ...]] = {
+    "TamingVQGAN": ("ddconfig", "n_embed", "embed_dim", "ckpt_path", "ignore_keys", "image_key",
+                    "colorize_nlabels", "monitor", "remap", "sane_index_shape", "beta", "decay", "eps",
+                    "kl_weight", "temperature_scheduler_config", "temp_init", "straight_through",
+                    "batch_resize_range", "scheduler_config", "lr_g_factor"),
+    "vqvae2": ("in_channel", "channel", "n_res_block", "n_res_channel", "embed_dim", "n_embed", "decay",
+               "ckpt_path"),
+    "DinoVQ": ("img_size", "encoder_embed_dim", "codebook_size", "dino_loss_weight", "recon_loss_weight",
+               "vq_loss_weight", "use_perceptual", "perceptual_weight", "vgg_ckpt_path", "use_gan",
+               "disc_start", "disc_weight", "disc_dim", "disc_num_layers", "disc_adaptive_weight",
+               "patch_size", "dino_dim"),
+}
+
+TOP_LEVEL = [f.name for f in dataclasses.fields(ExperimentConfig)]
+SECTION_CLASSES = {"lossconfig": LossSection, "train": TrainSection, "data": DataSection,
+                   "teacher": TeacherSection, "source": SourceInfo}
+
+
+@dataclass
+class Normalized:
+    """A config in the schema's shape, as plain data, plus where each key came from."""
+
+    data: Dict[str, Any]
+    fmt: str                                   # native | legacy_json | taming_yaml
+    path: str
+    raw: Any                                   # the parsed source document
+    # normalized dotted path -> key path in the source document (for --fix)
+    keymap: Dict[str, Tuple[str, ...]] = field(default_factory=dict)
+    # normalized dotted path of an extra (ignored) key -> its source key path
+    ignored: Dict[str, Tuple[str, ...]] = field(default_factory=dict)
+    # notes made while normalizing (renames applied): (dotted path, message)
+    notes: List[Tuple[str, str]] = field(default_factory=list)
+
+
+# ----------------------------------------------------------------------------------
+# Parsing
+
+def read_document(path: str) -> Tuple[Any, str]:
+    """Parse a JSON or YAML file.  Returns (document, syntax) with syntax "json"|"yaml"."""
+    if not os.path.exists(path):
+        raise ConfigFileError(f"{path}: no such file; check the path")
+    if os.path.isdir(path):
+        raise ConfigFileError(f"{path}: is a directory, not a config file; name a .json or .yaml file")
+    try:
+        with open(path, "r", encoding="utf-8") as fh:
+            text = fh.read()
+    except UnicodeDecodeError:
+        raise ConfigFileError(f"{path}: not a text file; name a .json or .yaml config") from None
+    except OSError as exc:
+        raise ConfigFileError(f"{path}: cannot be read ({exc.strerror})") from None
+    if not text.strip():
+        raise ConfigFileError(f"{path}: the file is empty; it should hold a JSON or YAML config")
+    is_json = path.lower().endswith(".json") or text.lstrip().startswith("{")
+    if is_json:
+        try:
+            doc = json.loads(text)
+        except json.JSONDecodeError as exc:
+            raise ConfigFileError(f"{path}:{exc.lineno}:{exc.colno}: invalid JSON: {exc.msg}; "
+                                  "fix the syntax at that line") from None
+        syntax = "json"
+    else:
+        try:
+            doc = yaml.safe_load(text)
+        except yaml.YAMLError as exc:
+            mark = getattr(exc, "problem_mark", None)
+            where = f":{mark.line + 1}:{mark.column + 1}" if mark is not None else ""
+            problem = getattr(exc, "problem", None) or str(exc).splitlines()[0]
+            raise ConfigFileError(f"{path}{where}: invalid YAML: {problem}; fix the syntax at that line") from None
+        syntax = "yaml"
+    if not isinstance(doc, dict):
+        raise ConfigFileError(f"{path}: not a config (top level is {type(doc).__name__}, expected a mapping "
+                              "with model_type or model.target)")
+    return doc, syntax
+
+
+def detect_format(doc: Dict[str, Any]) -> Optional[str]:
+    if isinstance(doc.get("model"), dict) and ("target" in doc["model"] or "params" in doc["model"]):
+        return "taming_yaml"
+    if "model_type" in doc:
+        margs = doc.get("model_args")
+        if "train_args" in doc or (isinstance(margs, dict) and ("model_variant" in margs or "lossconfig" in margs)):
+            return "legacy_json"
+        return "native"
+    if "model_args" in doc or "train_args" in doc:
+        return "legacy_json"
+    return None
+
+
+# ----------------------------------------------------------------------------------
+# Normalizing
+
+def _empty() -> Dict[str, Any]:
+    return {"name": None, "model_type": None, "model_variant": None, "model_args": {},
+            "lossconfig": {"target": None, "params": {}}, "train": {}, "data": {}, "teacher": {},
+            "extras": {}, "upstream": {}}
+
+
+def _map_dict(norm: Normalized, prefix: str, values: Dict[str, Any], src: Tuple[str, ...]) -> None:
+    for key, value in values.items():
+        norm.keymap[f"{prefix}.{key}"] = src + (key,)
+
+
+def _normalize_legacy(doc: Dict[str, Any], norm: Normalized) -> None:
+    out = norm.data
+    out["model_type"] = doc.get("model_type")
+    norm.keymap["model_type"] = ("model_type",)
+    margs = doc.get("model_args") or {}
+    if not isinstance(margs, dict):
+        margs = {}
+        out["extras"]["model_args"] = doc.get("model_args")
+    for key, value in margs.items():
+        if key == "model_variant":
+            out["model_variant"] = value
+            norm.keymap["model_variant"] = ("model_args", "model_variant")
+        elif key == "lossconfig" and isinstance(value, dict):
+            out["lossconfig"] = {"target": value.get("target"), "params": copy.deepcopy(value.get("params") or {})}
+            norm.keymap["lossconfig.target"] = ("model_args", "lossconfig", "target")
+            norm.keymap["lossconfig.params"] = ("model_args", "lossconfig", "params")
+            _map_dict(norm, "lossconfig.params", out["lossconfig"]["params"], ("model_args", "lossconfig", "params"))
+        else:
+            out["model_args"][key] = copy.deepcopy(value)
+            norm.keymap[f"model_args.{key}"] = ("model_args", key)
+    if "model_variant" not in norm.keymap:
+        norm.keymap["model_variant"] = ("model_args", "model_variant")
+    targs = doc.get("train_args") or {}
+    train_fields = {f.name for f in dataclasses.fields(TrainSection)}
+    data_fields = {f.name for f in dataclasses.fields(DataSection)}
+    for key, value in (targs.items() if isinstance(targs, dict) else []):
+        if key in train_fields:
+            out["train"][key] = value
+            norm.keymap[f"train.{key}"] = ("train_args", key)
+        elif key in TRAIN_RENAMES:
+            section, name = TRAIN_RENAMES[key]
+            out[section][name] = value
+            norm.keymap[f"{section}.{name}"] = ("train_args", key)
+            norm.notes.append((f"{section}.{name}", f"train_args.{key} read as {section}.{name}"))
+        elif key in data_fields:
+            out["data"][key] = value
+            norm.keymap[f"data.{key}"] = ("train_args", key)
+        else:
+            out["extras"][f"train_args.{key}"] = value
+            norm.ignored[f"train_args.{key}"] = ("train_args", key)
+    for key in ("name", "experiment_name", "exp_name"):
+        if key in doc and out["name"] is None:
+            out["name"] = doc[key]
+            norm.keymap["name"] = (key,)
+    for key in ("data", "data_args"):
+        if isinstance(doc.get(key), dict):
+            for dkey, value in doc[key].items():
+                if dkey in data_fields:
+                    out["data"][dkey] = value
+                    norm.keymap[f"data.{dkey}"] = (key, dkey)
+                elif dkey in TRAIN_RENAMES and TRAIN_RENAMES[dkey][0] == "data":
+                    out["data"][TRAIN_RENAMES[dkey][1]] = value
+                    norm.keymap[f"data.{TRAIN_RENAMES[dkey][1]}"] = (key, dkey)
+                else:
+                    out["extras"][f"{key}.{dkey}"] = value
+                    norm.ignored[f"{key}.{dkey}"] = (key, dkey)
+    known = {"model_type", "model_args", "train_args", "name", "experiment_name", "exp_name", "data", "data_args"}
+    for key, value in doc.items():
+        if key not in known:
+            if key == "teacher" and isinstance(value, dict):
+                out["teacher"] = copy.deepcopy(value)
+                _map_dict(norm, "teacher", value, ("teacher",))
+                continue
+            out["extras"][key] = value
+            norm.ignored[key] = (key,)
+
+
+def _normalize_taming_yaml(doc: Dict[str, Any], norm: Normalized) -> None:
+    from adapters.registry import NOT_FIRST_STAGE, RegistryError, resolve_model
+
+    out = norm.data
+    model = doc["model"]
+    target = model.get("target")
+    params = copy.deepcopy(model.get("params") or {})
+    out["upstream"]["model_target"] = target
+    norm.keymap["model_type"] = ("model", "target")
+    norm.keymap["model_variant"] = ("model", "target")
+    if target in NOT_FIRST_STAGE:
+        out["model_type"] = target
+    else:
+        try:
+            out["model_type"], out["model_variant"] = resolve_model(str(target))
+        except RegistryError:
+            out["model_type"] = target
+    if "base_learning_rate" in model:
+        out["train"]["base_learning_rate"] = model["base_learning_rate"]
+        norm.keymap["train.base_learning_rate"] = ("model", "base_learning_rate")
+    for key, value in params.items():
+        if key == "lossconfig" and isinstance(value, dict):
+            out["lossconfig"] = {"target": value.get("target"), "params": copy.deepcopy(value.get("params") or {})}
+            norm.keymap["lossconfig.target"] = ("model", "params", "lossconfig", "target")
+            norm.keymap["lossconfig.params"] = ("model", "params", "lossconfig", "params")
+            _map_dict(norm, "lossconfig.params", out["lossconfig"]["params"],
+                      ("model", "params", "lossconfig", "params"))
+        else:
+            out["model_args"][key] = value
+            norm.keymap[f"model_args.{key}"] = ("model", "params", key)
+    # taming's default is to train the GAN; the YAML has no use_gan switch.
+    data = doc.get("data")
+    if isinstance(data, dict):
+        out["upstream"]["data"] = copy.deepcopy(data)
+        dparams = data.get("params") or {}
+        if isinstance(dparams, dict):
+            if "batch_size" in dparams:
+                out["train"]["batch_size"] = dparams["batch_size"]
+                norm.keymap["train.batch_size"] = ("data", "params", "batch_size")
+            if "num_workers" in dparams:
+                out["train"]["num_workers"] = dparams["num_workers"]
+                norm.keymap["train.num_workers"] = ("data", "params", "num_workers")
+            train_ds = dparams.get("train")
+            if isinstance(train_ds, dict) and isinstance(train_ds.get("params"), dict):
+                size = train_ds["params"].get("size")
+                if size is not None:
+                    out["data"]["image_size"] = size
+                    norm.keymap["data.image_size"] = ("data", "params", "train", "params", "size")
+    lightning = doc.get("lightning")
+    if isinstance(lightning, dict):
+        out["upstream"]["lightning"] = copy.deepcopy(lightning)
+        trainer = lightning.get("trainer") or {}
+        if isinstance(trainer, dict):
+            for src, dst in (("max_steps", "max_steps"), ("accumulate_grad_batches", "accumulate_grad_batches"),
+                             ("max_epochs", "max_epochs"), ("gradient_clip_val", "grad_clip")):
+                if src in trainer and trainer[src] not in (None, -1):
+                    out["train"][dst] = trainer[src]
+                    norm.keymap[f"train.{dst}"] = ("lightning", "trainer", src)
+    for key, value in doc.items():
+        if key not in ("model", "data", "lightning"):
+            out["extras"][key] = value
+            norm.ignored[key] = (key,)
+
+
+def _normalize_native(doc: Dict[str, Any], norm: Normalized) -> None:
+    out = norm.data
+    for key, value in doc.items():
+        if key in ("model_args", "extras", "upstream"):
+            out[key] = copy.deepcopy(value) if isinstance(value, dict) else value
+            if isinstance(value, dict):
+                _map_dict(norm, key, value, (key,))
+        elif key == "lossconfig" and isinstance(value, dict):
+            out["lossconfig"] = {"target": value.get("target"), "params": copy.deepcopy(value.get("params") or {})}
+            norm.keymap["lossconfig.target"] = ("lossconfig", "target")
+            norm.keymap["lossconfig.params"] = ("lossconfig", "params")
+            _map_dict(norm, "lossconfig.params", out["lossconfig"]["params"], ("lossconfig", "params"))
+            for extra in value:
+                if extra not in ("target", "params"):
+                    out["lossconfig"][extra] = value[extra]
+        elif key in ("train", "data", "teacher", "source") and isinstance(value, dict):
+            out[key] = copy.deepcopy(value)
+            _map_dict(norm, key, value, (key,))
+        else:
+            out[key] = value
+            norm.keymap[key] = (key,)
+    norm.keymap.setdefault("model_variant", ("model_variant",))
+    norm.keymap.setdefault("model_type", ("model_type",))
+
+
+def normalize(path: str) -> Normalized:
+    """Parse ``path`` and map it to the schema's shape (no type checking yet)."""
+    doc, syntax = read_document(path)
+    fmt = detect_format(doc)
+    if fmt is None:
+        raise ConfigFileError(f"{path}: not a config this tool knows (no model_type, model_args or model.target); "
+                              "see configs/ for examples")
+    norm = Normalized(data=_empty(), fmt=fmt, path=path, raw=doc)
+    {"legacy_json": _normalize_legacy, "taming_yaml": _normalize_taming_yaml,
+     "native": _normalize_native}[fmt](doc, norm)
+    if norm.data.get("name") is None:
+        norm.data["name"] = os.path.splitext(os.path.basename(path))[0]
+    norm.data["source"] = {"path": os.path.abspath(path), "format": fmt}
+    norm.data["_syntax"] = syntax
+    return norm
+
+
+# ----------------------------------------------------------------------------------
+# Type checking against the schema
+
+def _suggest(name: str, choices: Iterable[str]) -> str:
+    near = difflib.get_close_matches(name, list(choices), n=1, cutoff=0.6)
+    return f" Did you mean {near[0]!r}?" if near else ""
+
+
+def unknown_keys(data: Dict[str, Any]) -> List[Tuple[str, str]]:
+    """(dotted path, suggestion) for keys the schema does not have (typed sections only)."""
+    problems = []
+    for key in data:
+        if key.startswith("_"):
+            continue
+        if key not in TOP_LEVEL:
+            problems.append((key, _suggest(key, TOP_LEVEL)))
+        elif key in SECTION_CLASSES and isinstance(data[key], dict):
+            names = [f.name for f in dataclasses.fields(SECTION_CLASSES[key])]
+            for sub in data[key]:
+                if sub not in names:
+                    problems.append((f"{key}.{sub}", _suggest(sub, names)))
+    return problems
+
+
+def type_errors(data: Dict[str, Any]) -> List[Tuple[str, str]]:
+    """(dotted path, message) for values whose type does not fit the schema."""
+    problems = []
+    for key, cls in SECTION_CLASSES.items():
+        section = data.get(key)
+        if not isinstance(section, dict):
+            if section is not None:
+                problems.append((key, f"expected a mapping, got {type(section).__name__}"))
+            continue
+        base = OmegaConf.structured(cls)
+        for sub, value in section.items():
+            if sub not in base:
+                continue
+            try:
+                OmegaConf.merge(base, {sub: value})
+            except OmegaConfBaseException as exc:
+                expected = _type_name(cls, sub)
+                problems.append((f"{key}.{sub}", f"{value!r} is not a valid {expected}"
+                                 + ("" if expected else f" ({exc.msg})")))
+    for key in ("model_type", "name"):
+        if data.get(key) is not None and not isinstance(data[key], str):
+            problems.append((key, f"{data[key]!r} is not a string"))
+    if data.get("model_variant") is not None and not isinstance(data["model_variant"], str):
+        problems.append(("model_variant", f"{data['model_variant']!r} is not a string"))
+    if not isinstance(data.get("model_args", {}), dict):
+        problems.append(("model_args", "expected a mapping"))
+    return problems
+
+
+def _type_name(cls, name: str) -> str:
+    for f in dataclasses.fields(cls):
+        if f.name == name:
+            t = f.type if isinstance(f.type, str) else getattr(f.type, "__name__", str(f.type))
+            return t.replace("Optional[", "").rstrip("]") if t.startswith("Optional[") else t
+    return ""
+
+
+def to_structured(data: Dict[str, Any]) -> DictConfig:
+    """Merge plain normalized data into the typed schema.  Raises UserError on problems."""
+    clean = {k: v for k, v in data.items() if not k.startswith("_")}
+    problems = [f"unknown key {p!r}.{s}" for p, s in unknown_keys(clean)]
+    problems += [f"{p}: {m}" for p, m in type_errors(clean)]
+    if problems:
+        raise UserError("config: " + "; ".join(problems))
+    clean = {k: v for k, v in clean.items() if v is not None or k in ("model_variant",)}
+    schema = OmegaConf.structured(ExperimentConfig)
+    try:
+        return OmegaConf.merge(schema, clean)
+    except OmegaConfBaseException as exc:
+        raise UserError(f"config: {exc.full_key or ''}: {exc.msg}") from None
+
+
+# ----------------------------------------------------------------------------------
+# Overrides: key=value with dotted keys
+
+def parse_override(item: str) -> Tuple[str, Any]:
+    if "=" not in item:
+        raise UserError(f"override {item!r} is not key=value (e.g. train.max_steps=100)")
+    key, _, text = item.partition("=")
+    key = key.strip()
+    if not key:
+        raise UserError(f"override {item!r} has no key (e.g. train.max_steps=100)")
+    try:
+        value = yaml.safe_load(text) if text.strip() else None
+    except yaml.YAMLError:
+        value = text
+    return key, value
+
+
+def _known_model_args(model_type: Optional[str]) -> List[str]:
+    from adapters.registry import RegistryError, get_model_type
+
+    try:
+        name = get_model_type(model_type).name if model_type else None
+    except RegistryError:
+        name = None
+    names = list(MODEL_ARG_NAMES.get(name, ()))
+    if name == "DinoVQ":
+        try:  # the model's own constructor is the authority when it is importable
+            import inspect
+
+            from adapters.dinovq import DinoVQModel
+
+            names += [p for p in inspect.signature(DinoVQModel.__init__).parameters if p != "self"]
+        except Exception:  # noqa: BLE001 - optional refinement only
+            pass
+    return names
+
+
+def apply_overrides(data: Dict[str, Any], overrides: Sequence[str]) -> Dict[str, Any]:
+    """Apply ``key=value`` overrides to normalized data; unknown keys are rejected."""
+    data = copy.deepcopy(data)
+    for item in overrides:
+        key, value = parse_override(item)
+        parts = key.split(".")
+        head = parts[0]
+        if head not in TOP_LEVEL:
+            raise UserError(f"override {key!r}: unknown key {head!r}.{_suggest(head, TOP_LEVEL)}")
+        if head in SECTION_CLASSES:
+            if len(parts) == 1:
+                raise UserError(f"override {key!r}: name a key inside {head} (e.g. {head}.<name>=...)")
+            names = [f.name for f in dataclasses.fields(SECTION_CLASSES[head])]
+            if parts[1] not in names:
+                raise UserError(f"override {key!r}: {head} has no key {parts[1]!r}.{_suggest(parts[1], names)}")
+            if head == "lossconfig" and parts[1] == "params" and len(parts) > 2:
+                pass  # checked against the loss class by validate
+            elif len(parts) > 2:
+                raise UserError(f"override {key!r}: {head}.{parts[1]} has no sub-keys")
+        elif head == "model_args" and len(parts) >= 2:
+            present = list(data.get("model_args") or {})
+            known = present + _known_model_args(data.get("model_type"))
+            if parts[1] not in known:
+                raise UserError(f"override {key!r}: {data.get('model_type')} has no model argument "
+                                f"{parts[1]!r}.{_suggest(parts[1], known)}")
+        node = data
+        for part in parts[:-1]:
+            if not isinstance(node.get(part), dict):
+                node[part] = {}
+            node = node[part]
+        node[parts[-1]] = value
+        try:
+            if head in SECTION_CLASSES and len(parts) == 2:
+                OmegaConf.merge(OmegaConf.structured(SECTION_CLASSES[head]), {parts[1]: value})
+        except OmegaConfBaseException:
+            raise UserError(f"override {key!r}: {value!r} is not a valid "
+                            f"{_type_name(SECTION_CLASSES[head], parts[1])}") from None
+    return data
+
+
+# ----------------------------------------------------------------------------------
+# Public entry points
+
+def load_config(path: str, overrides: Sequence[str] = ()) -> DictConfig:
+    """Load any supported config file into the typed, normalized ExperimentConfig.
+
+    Raises :class:`UserError` for unusable files, type errors, unknown keys and bad
+    overrides.  Semantic checks (model/variant/loss consistency) live in ``validate``.
+    """
+    norm = normalize(path)
+    data = canonicalize(apply_overrides(norm.data, overrides))
+    return to_structured(data)
+
+
+def canonicalize(data: Dict[str, Any]) -> Dict[str, Any]:
+    """Canonical model type / variant names and installed loss-target paths (lenient)."""
+    from adapters.registry import RegistryError, canonical_loss_target, resolve_model
+
+    data = copy.deepcopy(data)
+    try:
+        data["model_type"], variant = resolve_model(str(data.get("model_type")), data.get("model_variant"))
+        data["model_variant"] = variant
+    except RegistryError:
+        pass  # validate reports it
+    loss = data.get("lossconfig") or {}
+    if isinstance(loss.get("target"), str):
+        loss["target"] = canonical_loss_target(loss["target"])[0]
+    return data
+
+
+def config_from_dict(data: Dict[str, Any]) -> DictConfig:
+    """Typed config from a plain dict in the schema's shape."""
+    return to_structured(data)
+
+
+def save_config(cfg, path: str) -> None:
+    """Write a resolved config as YAML (native shape), atomically."""
+    text = OmegaConf.to_yaml(cfg, resolve=True) if isinstance(cfg, DictConfig) else \
+        yaml.safe_dump(cfg, sort_keys=False)
+    tmp = f"{path}.tmp"
+    with open(tmp, "w", encoding="utf-8") as fh:
+        fh.write(text)
+    os.replace(tmp, path)
+
+
+def uses_taming_lr_scaling(cfg) -> bool:
+    """taming scales base_learning_rate by batch x accumulation x GPUs when lr is not given."""
+    return cfg.train.learning_rate is None and cfg.train.base_learning_rate is not None
