@@ -1,0 +1,282 @@
+"""The taming loss family: taming's real ``VQLPIPSWithDiscriminator`` behind ``LossCalculator``.
+
+The loss is Esser et al. 2021 (VQGAN): L1 + ``perceptual_weight`` * LPIPS, plus the codebook
+loss, plus a PatchGAN hinge (or vanilla) term weighted adaptively at the decoder's last
+layer.  :class:`TamingLossCalculator` *is* taming's class (a subclass built offline through
+``losses/perceptual.py``), so
+
+* its state-dict keys are taming's (``discriminator.*``, ``perceptual_loss.*``) and the
+  ``loss.*`` entries of upstream checkpoints load into it;
+* ``calc(codebook_loss, inputs, reconstructions, optimizer_idx, global_step, last_layer=...,
+  split="train")`` returns taming's ``(loss, log)``; whenever the GAN term is active the
+  generator loss *is* taming's own ``forward``.
+
+What it does differently, on purpose:
+
+* ``use_gan: false`` -> ``disc_factor`` is 0 (logged as 0), one warning at construction,
+  :meth:`should_update_discriminator` is always false.  The discriminator is still built, so
+  checkpoints keep their ``loss.discriminator.*`` entries.
+* Whenever the GAN term is zero (``use_gan`` false, ``global_step < disc_start``,
+  ``disc_factor`` or ``disc_weight`` 0), the generator loss skips the discriminator forward
+  and the two ``autograd.grad`` calls of the adaptive weight: upstream multiplies them by 0.
+  The loss value and its gradients are exactly taming's; in the log, ``d_weight`` and
+  ``g_loss`` are reported as 0 (they were not computed) and every other key is taming's.
+  A side effect: the discriminator's BatchNorm running statistics are not updated by
+  generator steps in that phase (upstream updates them with fake batches it then ignores).
+* The discriminator loss is computed from the generator step's reconstructions, detached
+  (:meth:`discriminator_step`): a training iteration runs the generator once, where
+  taming's Lightning loop runs it twice.  It skips taming's L1/LPIPS computation, which the
+  ``optimizer_idx=1`` branch computes and throws away.
+* ``perceptual_weight: 0`` builds no VGG trunk and needs no file: the calculator has no
+  ``perceptual_loss`` submodule, its state dict has no ``perceptual_loss.*`` keys, and
+  loading a state dict that has them (an upstream checkpoint) drops them silently -- those
+  are frozen LPIPS constants that a zero weight never uses.
+
+Like taming, LPIPS' linear layers keep their dropout, which is active in ``train()`` mode.
+
+    >>> from train.schema import make_config
+    >>> cfg = make_config(lossconfig={"params": {"disc_start": 0, "perceptual_weight": 0.0}},
+    ...                   model_args={"ddconfig": {"out_ch": 3}})
+    >>> calc = TamingLossCalculator.build(cfg)
+"""
+from __future__ import annotations
+
+import contextlib
+import difflib
+import inspect
+import io
+import logging
+from typing import Any, Dict, Optional, Tuple
+
+import torch
+from torch import nn
+from taming.modules.losses import vqperceptual
+from taming.modules.losses.vqperceptual import VQLPIPSWithDiscriminator, adopt_weight
+
+from losses.calculator import GeneratorOutput, LossCalculator
+from losses.gan import D_LOSSES, disc_factor_at, requires_grad_off
+from losses.perceptual import build_taming_lpips
+from train.errors import UserError
+
+log = logging.getLogger(__name__)
+
+# Constructor arguments of taming's VQLPIPSWithDiscriminator, with its defaults.
+TAMING_LOSS_DEFAULTS: Dict[str, Any] = {
+    name: p.default for name, p in inspect.signature(VQLPIPSWithDiscriminator.__init__).parameters.items()
+    if name != "self"
+}
+
+
+class _NoPerceptual(nn.Module):
+    """Stands in for LPIPS while taming's constructor runs with ``perceptual_weight == 0``;
+    removed right after (it never reaches the state dict)."""
+
+
+def _drop_perceptual_keys(module, state_dict, prefix, *_args) -> None:
+    # Upstream state dicts always carry the LPIPS constants; with no perceptual module they
+    # have nowhere to go and no use.
+    for key in [k for k in state_dict if k.startswith(prefix + "perceptual_loss.")]:
+        del state_dict[key]
+
+
+def _run_model(model: nn.Module, x: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor, Optional[Any]]:
+    """One generator forward: ``(xrec, codebook_loss, indices or None)``.
+
+    A wrapped model (DDP) is always called through the wrapper so DDP sees the forward; the
+    adapters return indices from ``forward(x, return_pred_indices=True)``
+    (``forward_with_indices`` is the same call on an unwrapped model).
+    """
+    inner = getattr(model, "module", model)
+    try:
+        takes_flag = "return_pred_indices" in inspect.signature(inner.forward).parameters
+    except (TypeError, ValueError):
+        takes_flag = False
+    if takes_flag:
+        xrec, qloss, indices = model(x, return_pred_indices=True)
+        return xrec, qloss, indices
+    if inner is model and hasattr(model, "forward_with_indices"):
+        xrec, qloss, indices = model.forward_with_indices(x)
+        return xrec, qloss, indices
+    out = model(x)
+    return out[0], out[1], None
+
+
+class TamingLossCalculator(LossCalculator, VQLPIPSWithDiscriminator):
+    """taming's ``VQLPIPSWithDiscriminator``, built offline, with ``use_gan`` honoured.
+
+    Keyword arguments beyond taming's constructor:
+      use_gan           -- False: no GAN term, no discriminator step (one warning says so)
+      disc_update_every -- discriminator step every N global steps (taming: 1)
+      vgg_ckpt_path, allow_random_vgg -- where LPIPS' VGG16 trunk comes from (perceptual.py)
+      gan_off_reason    -- why use_gan is false, for the warning (e.g. the NoDisc variant)
+    """
+
+    family = "taming"
+
+    def __init__(self, disc_start: int, *, use_gan: bool = True, disc_update_every: int = 1,
+                 vgg_ckpt_path: Optional[str] = None, allow_random_vgg: bool = False,
+                 gan_off_reason: Optional[str] = None, **loss_params):
+        perceptual_weight = float(loss_params.get("perceptual_weight", TAMING_LOSS_DEFAULTS["perceptual_weight"]))
+        if perceptual_weight > 0:
+            def make_lpips():
+                return build_taming_lpips(vgg_ckpt_path, allow_random_vgg)
+        else:
+            make_lpips = _NoPerceptual
+        # Cooperative super().__init__() would reach taming's __init__ without arguments, so
+        # call it directly (it initialises nn.Module).  taming's constructor calls the
+        # module-level name LPIPS, which downloads: point it at the offline builder meanwhile.
+        saved = vqperceptual.LPIPS
+        vqperceptual.LPIPS = make_lpips
+        try:
+            with contextlib.redirect_stdout(io.StringIO()):   # taming prints the GAN loss name
+                VQLPIPSWithDiscriminator.__init__(self, disc_start, **loss_params)
+        finally:
+            vqperceptual.LPIPS = saved
+        if perceptual_weight <= 0:
+            del self.perceptual_loss
+            self.register_load_state_dict_pre_hook(_drop_perceptual_keys)
+
+        self.use_gan = bool(use_gan)
+        self.disc_update_every = int(disc_update_every)
+        if self.disc_update_every < 1:
+            raise UserError(f"train.disc_update_every must be >= 1, got {disc_update_every}")
+        # taming reads self.disc_factor in forward; with the GAN off it must be 0 there too.
+        self.configured_disc_factor = float(self.disc_factor)
+        if not self.use_gan:
+            self.disc_factor = 0.0
+            why = gan_off_reason or "train.use_gan is false"
+            log.warning(f"{why}: the taming loss keeps its discriminator (so checkpoints load) but "
+                        f"disc_factor is 0 (configured {self.configured_disc_factor:g}); the GAN term is "
+                        "never computed and the discriminator is never trained.")
+
+    # ---- construction from a config ------------------------------------------------------
+    @classmethod
+    def build(cls, cfg) -> "TamingLossCalculator":
+        """From an ``ExperimentConfig`` (or its DictConfig): ``lossconfig.params`` are taming's
+        constructor arguments; ``train`` gives use_gan, disc_update_every and the VGG file."""
+        from train.schema import as_dict
+
+        params = as_dict(cfg.lossconfig.params) if cfg.lossconfig is not None else {}
+        valid = [k for k in TAMING_LOSS_DEFAULTS]
+        for key in params:
+            if key not in TAMING_LOSS_DEFAULTS:
+                near = difflib.get_close_matches(key, valid, n=1)
+                hint = f" Did you mean {near[0]!r}?" if near else ""
+                raise UserError(f"lossconfig.params.{key} is not an argument of taming's VQLPIPSWithDiscriminator."
+                                f"{hint} Valid: {', '.join(valid)}")
+        if "disc_start" not in params:
+            raise UserError("lossconfig.params.disc_start is missing (taming's VQLPIPSWithDiscriminator has no "
+                            "default): the global step at which the GAN term starts, e.g. disc_start: 10000")
+        disc_loss = params.get("disc_loss", TAMING_LOSS_DEFAULTS["disc_loss"])
+        if disc_loss not in D_LOSSES:
+            raise UserError(f"lossconfig.params.disc_loss {disc_loss!r} is unknown; valid choices: "
+                            f"{', '.join(sorted(D_LOSSES))}")
+        if "disc_in_channels" not in params:
+            ddconfig = as_dict(cfg.model_args).get("ddconfig") or {}
+            params["disc_in_channels"] = int(ddconfig.get("out_ch", TAMING_LOSS_DEFAULTS["disc_in_channels"]))
+        train = cfg.train
+        use_gan = bool(train.use_gan)
+        reason = None
+        if use_gan and str(getattr(cfg, "model_variant", None) or "").lower() == "nodisc":
+            use_gan, reason = False, "model_variant NoDisc trains without a discriminator"
+        disc_start = params.pop("disc_start")
+        return cls(disc_start, use_gan=use_gan, disc_update_every=train.disc_update_every,
+                   vgg_ckpt_path=train.vgg_ckpt_path, allow_random_vgg=bool(train.allow_random_vgg),
+                   gan_off_reason=reason, **params)
+
+    # ---- the GAN schedule ----------------------------------------------------------------
+    @property
+    def disc_start(self) -> int:
+        return self.discriminator_iter_start
+
+    @property
+    def has_perceptual(self) -> bool:
+        return "perceptual_loss" in self._modules
+
+    def disc_factor_at(self, global_step: int) -> float:
+        """taming's ``adopt_weight(disc_factor, step, disc_start)``, and 0 when use_gan is false."""
+        return disc_factor_at(self.configured_disc_factor, global_step, self.discriminator_iter_start,
+                              self.use_gan)
+
+    def gan_term_active(self, global_step: int) -> bool:
+        """True when the generator loss has a non-zero GAN term at ``global_step``."""
+        return self.disc_factor_at(global_step) != 0 and self.discriminator_weight != 0
+
+    def should_update_discriminator(self, global_step: int) -> bool:
+        """use_gan, ``global_step >= disc_start`` (disc_factor non-zero) and
+        ``global_step % disc_update_every == 0``."""
+        return self.disc_factor_at(global_step) != 0 and global_step % self.disc_update_every == 0
+
+    # ---- taming's call ---------------------------------------------------------------------
+    def forward(self, codebook_loss, inputs, reconstructions, optimizer_idx, global_step,
+                last_layer=None, cond=None, split="train"):
+        """taming's ``VQLPIPSWithDiscriminator.forward`` contract (see the module docstring)."""
+        if optimizer_idx == 0:
+            if self.gan_term_active(global_step):
+                return VQLPIPSWithDiscriminator.forward(self, codebook_loss, inputs, reconstructions, 0,
+                                                        global_step, last_layer=last_layer, cond=cond,
+                                                        split=split)
+            return self._generator_loss_without_gan(codebook_loss, inputs, reconstructions, global_step, split)
+        if optimizer_idx == 1:
+            return self._discriminator_loss(inputs, reconstructions, global_step, cond, split)
+        raise ValueError(f"optimizer_idx must be 0 (generator) or 1 (discriminator), got {optimizer_idx!r}")
+
+    def _generator_loss_without_gan(self, codebook_loss, inputs, reconstructions, global_step, split):
+        # taming's generator branch with its GAN summand (d_weight * 0 * g_loss) left out:
+        # nll + 0 is nll exactly, so value and gradients are unchanged.
+        rec_loss = torch.abs(inputs.contiguous() - reconstructions.contiguous())
+        if self.perceptual_weight > 0:
+            p_loss = self.perceptual_loss(inputs.contiguous(), reconstructions.contiguous())
+            rec_loss = rec_loss + self.perceptual_weight * p_loss
+        else:
+            p_loss = torch.zeros(1, device=inputs.device)
+        nll_loss = torch.mean(rec_loss)
+        loss = nll_loss + self.codebook_weight * codebook_loss.mean()
+        zero = torch.zeros((), device=inputs.device)
+        log = {f"{split}/total_loss": loss.clone().detach().mean(),
+               f"{split}/quant_loss": codebook_loss.detach().mean(),
+               f"{split}/nll_loss": nll_loss.detach().mean(),
+               f"{split}/rec_loss": rec_loss.detach().mean(),
+               f"{split}/p_loss": p_loss.detach().mean(),
+               f"{split}/d_weight": zero,
+               f"{split}/disc_factor": torch.tensor(self.disc_factor_at(global_step)),
+               f"{split}/g_loss": zero.clone()}
+        return loss, log
+
+    def _discriminator_loss(self, inputs, reconstructions, global_step, cond, split):
+        # taming's optimizer_idx == 1 branch, without the unused L1/LPIPS computation.
+        real = inputs.contiguous().detach()
+        fake = reconstructions.contiguous().detach()
+        if cond is not None:
+            real, fake = torch.cat((real, cond), dim=1), torch.cat((fake, cond), dim=1)
+        logits_real = self.discriminator(real)
+        logits_fake = self.discriminator(fake)
+        factor = adopt_weight(self.disc_factor, global_step, threshold=self.discriminator_iter_start)
+        d_loss = factor * self.disc_loss(logits_real, logits_fake)
+        log = {f"{split}/disc_loss": d_loss.clone().detach().mean(),
+               f"{split}/logits_real": logits_real.detach().mean(),
+               f"{split}/logits_fake": logits_fake.detach().mean()}
+        return d_loss, log
+
+    # ---- the trainer's API -----------------------------------------------------------------
+    def generator_step(self, model: nn.Module, batch: Dict[str, torch.Tensor], global_step: int,
+                       split: str = "train") -> GeneratorOutput:
+        """One generator forward and its loss.  The discriminator is frozen meanwhile, so the
+        generator loss's backward leaves its parameters' ``.grad`` untouched."""
+        x = batch["image"]
+        xrec, qloss, indices = _run_model(model, x)
+        last_layer = None
+        if self.gan_term_active(global_step):
+            last_layer = getattr(model, "module", model).get_last_layer()
+        with requires_grad_off(self.discriminator):
+            loss, log = self(qloss, x, xrec, 0, global_step, last_layer=last_layer, split=split)
+        return GeneratorOutput(loss=loss, log=log, inputs=x, reconstructions=xrec.detach(), indices=indices,
+                               extra={"codebook_loss": qloss.detach()})
+
+    def discriminator_step(self, out: GeneratorOutput, global_step: int, split: str = "train"):
+        """taming's discriminator loss on ``out.inputs`` vs ``out.reconstructions`` (detached):
+        no second generator pass, no gradient into the generator."""
+        return self._discriminator_loss(out.inputs, out.reconstructions, global_step, None, split)
+
+
+__all__ = ["TamingLossCalculator", "TAMING_LOSS_DEFAULTS"]
