@@ -197,23 +197,18 @@ def rule_loss_target(data: Dict[str, Any], spec, out: List[Finding]) -> Optional
 
 
 def _loss_signature(family: str) -> Optional[Dict[str, inspect.Parameter]]:
-    """Constructor parameters of the installed loss class of a family."""
-    if family == "taming":
-        from taming.modules.losses.vqperceptual import VQLPIPSWithDiscriminator
+    """Constructor parameters of the installed loss class a family's target names."""
+    import importlib
 
-        params = dict(inspect.signature(VQLPIPSWithDiscriminator.__init__).parameters)
-    else:
-        try:
-            impl = registry.get_loss_implementation(family)
-        except (NotImplementedError, ImportError, AttributeError):
-            return None
-        names = getattr(impl, "PARAMS", None)
-        if names is None:
-            return None
-        params = {n: inspect.Parameter(n, inspect.Parameter.KEYWORD_ONLY,
-                                       default=(names[n] if isinstance(names, dict) else inspect.Parameter.empty))
-                  for n in names}
+    target = registry.get_loss_family(family).target
+    module_name, _, cls_name = target.rpartition(".")
+    try:
+        cls = getattr(importlib.import_module(module_name), cls_name)
+    except (ImportError, AttributeError):
+        return None
+    params = dict(inspect.signature(cls.__init__ if not hasattr(cls, "__dataclass_fields__") else cls).parameters)
     params.pop("self", None)
+    params = {k: p for k, p in params.items() if p.kind not in (p.VAR_KEYWORD, p.VAR_POSITIONAL)}
     return params
 
 
