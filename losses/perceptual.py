@@ -121,15 +121,29 @@ def _random_init_(features: nn.Sequential) -> None:
             nn.init.zeros_(module.bias)
 
 
+def _load_tensors(path: str):
+    """``torch.load(weights_only=True)``, memory-mapped when the file format allows it: a full
+    vgg16 file is 528 MB, of which LPIPS reads the 59 MB trunk."""
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+    except RuntimeError as exc:
+        if "mmap" not in str(exc):  # only the legacy (non-zip) format cannot be mapped
+            raise
+    return torch.load(path, map_location="cpu", weights_only=True)
+
+
 def load_vgg16_features(path: str) -> Dict[str, torch.Tensor]:
     """Read a torchvision vgg16 state-dict file; return the ``features`` part, keys without the
     ``features.`` prefix.  Anything that is not such a file is a :class:`UserError`."""
     fix = "vgg_ckpt_path must be a torchvision vgg16 state dict (torch.save(vgg16().state_dict(), path))"
     try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as exc:  # corrupt file, not a torch file, or a pickle with code in it
-        reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise UserError(f"cannot read VGG16 checkpoint {path}: {reason[:200]}; {fix}") from None
+        state = _load_tensors(path)
+    except Exception as exc:  # corrupt file, not a torch file, or a pickle with objects in it
+        if "weights only load failed" in str(exc).lower():
+            reason = "it holds Python objects besides tensors, which are never unpickled (that could run code)"
+        else:
+            reason = f"not a readable torch file: corrupt, truncated or another format ({type(exc).__name__})"
+        raise UserError(f"cannot read VGG16 checkpoint {path}: {reason}; {fix}") from None
     if not isinstance(state, Mapping) or not all(isinstance(k, str) for k in state):
         raise UserError(f"VGG16 checkpoint {path} holds a {type(state).__name__}, not a state dict; {fix}")
     for wrapper in ("state_dict", "model"):
