@@ -168,32 +168,24 @@ def load_model_weights(model: nn.Module, state_dict: Mapping[str, torch.Tensor],
 def load_checkpoint_state_dict(path: str) -> Dict[str, torch.Tensor]:
     """Read the state dict stored in ``path`` without running code from the file.
 
-    ``.safetensors`` files are read with safetensors; everything else with the project's
-    safe unpickler (``train/safe_load.py``) when present, else ``torch.load`` with
-    ``weights_only=True``.
+    Uses the project's safe unpickler (``train/safe_load.py``: weights-only first, then a
+    restricted unpickler for Lightning checkpoints; ``.safetensors`` too); where that module
+    is absent, ``torch.load(weights_only=True)``.
     """
     if not os.path.isfile(path):
         raise UserError(f"checkpoint file not found: {path}; check ckpt_path")
-    if path.endswith(".safetensors"):
-        from safetensors.torch import load_file
-
-        try:
-            return load_file(path, device="cpu")
-        except Exception as exc:  # corrupt or not a safetensors file
-            raise UserError(f"{path}: not a readable safetensors file ({exc})") from None
     try:
-        from train import safe_load  # written by the migration work; optional here
+        from train import safe_load  # the project's no-code-execution unpickler
     except ImportError:
         safe_load = None
-    loader = getattr(safe_load, "load_checkpoint", None) if safe_load is not None else None
-    if loader is not None:
-        obj = loader(path)
-    else:
-        try:
-            obj = torch.load(path, map_location="cpu", weights_only=True)
-        except Exception as exc:
-            raise UserError(f"{path}: cannot be read as a weights-only torch checkpoint "
-                            f"({type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}); "
-                            "convert it with `python -m train migrate` or save model.state_dict() "
-                            "on its own") from None
+    if safe_load is not None and hasattr(safe_load, "load_checkpoint"):
+        state_dict, _notes = safe_load.extract_state_dict(safe_load.load_checkpoint(path).data)
+        return dict(state_dict)
+    try:
+        obj = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:
+        raise UserError(f"{path}: cannot be read as a weights-only torch checkpoint "
+                        f"({type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}); "
+                        "convert it with `python -m train migrate` or save model.state_dict() "
+                        "on its own") from None
     return unwrap_state_dict(obj)

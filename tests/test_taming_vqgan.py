@@ -1,0 +1,348 @@
+"""TamingVQGAN adapters against the real upstream taming classes.
+
+    .venv/bin/python -m pytest -q tests/test_taming_vqgan.py
+
+``taming.models.vqgan`` imports ``pytorch_lightning.utilities.distributed`` (gone in
+Lightning 2.x); the ``upstream`` fixture inserts a shim module for it -- in tests only.
+"""
+import contextlib
+import io
+import sys
+import types
+
+import numpy as np
+import pytest
+import torch
+from omegaconf import OmegaConf
+
+from adapters import build_model
+from adapters.taming_vqgan import TamingVQGAN
+from adapters.weights import load_model_weights
+from train.errors import UserError
+from train.schema import make_config
+
+VARIANTS = ["VQ", "EMAVQ", "Gumbel", "NoDisc"]
+N_EMBED, EMBED_DIM = 32, 8  # EMBED_DIM == tiny z_channels (Gumbel needs it)
+DUMMY_LOSS = {"target": "taming.modules.losses.vqperceptual.DummyLoss"}
+TEMP_SCHED = {"target": "taming.lr_scheduler.LambdaWarmUpCosineScheduler",
+              "params": dict(warm_up_steps=10, max_decay_steps=100, lr_start=0.9, lr_max=0.9, lr_min=1e-6)}
+
+
+@pytest.fixture(scope="module")
+def upstream():
+    """The real ``taming.models.vqgan`` module, importable through a PL-2.x shim."""
+    import pytorch_lightning.utilities as plu
+
+    if "pytorch_lightning.utilities.distributed" not in sys.modules:
+        shim = types.ModuleType("pytorch_lightning.utilities.distributed")
+        shim.rank_zero_only = plu.rank_zero_only
+        sys.modules["pytorch_lightning.utilities.distributed"] = shim
+    import taming.models.vqgan as vqgan
+
+    return vqgan
+
+
+def quiet(fn, *args, **kwargs):
+    with contextlib.redirect_stdout(io.StringIO()):
+        return fn(*args, **kwargs)
+
+
+def build_upstream(vqgan, variant, ddconfig, **extra):
+    """The upstream model for ``variant``; EMAVQ (absent from the release) is a VQModel whose
+    layout test_state_dict_matches_upstream extends by hand."""
+    kwargs = dict(ddconfig=ddconfig, lossconfig=DUMMY_LOSS, n_embed=N_EMBED, embed_dim=EMBED_DIM, **extra)
+    cls = {"VQ": vqgan.VQModel, "EMAVQ": vqgan.VQModel, "Gumbel": vqgan.GumbelVQ,
+           "NoDisc": vqgan.VQNoDiscModel}[variant]
+    if variant == "Gumbel":
+        kwargs["temperature_scheduler_config"] = TEMP_SCHED
+    return quiet(cls, **kwargs)
+
+
+def build_ours(variant, ddconfig, **extra):
+    args = dict(ddconfig=ddconfig, n_embed=N_EMBED, embed_dim=EMBED_DIM, **extra)
+    return build_model(make_config(model_type="TamingVQGAN", model_variant=variant, model_args=args))
+
+
+def shapes(module):
+    return {k: tuple(v.shape) for k, v in module.state_dict().items() if not k.startswith("loss.")}
+
+
+def upstream_emavq_shapes(vq_shapes):
+    out = dict(vq_shapes)
+    out["quantize.embedding.cluster_size"] = (N_EMBED,)
+    out["quantize.embedding.embed_avg"] = (N_EMBED, EMBED_DIM)
+    return out
+
+
+# ---- contract -------------------------------------------------------------------------
+
+@pytest.mark.parametrize("variant", VARIANTS)
+def test_forward_contract(variant, tiny_ddconfig):
+    torch.manual_seed(0)
+    model = build_ours(variant, tiny_ddconfig)
+    assert isinstance(model, TamingVQGAN) and model.codebook_sizes == (N_EMBED,)
+    x = torch.rand(2, 3, 32, 32) * 2 - 1
+    xrec, qloss = model(x)
+    assert xrec.shape == x.shape and qloss.dim() == 0
+    xrec2, qloss2, indices = model(x, return_pred_indices=True)
+    assert indices.shape == (2, 8, 8) and indices.dtype == torch.long
+    assert int(indices.min()) >= 0 and int(indices.max()) < N_EMBED
+    assert model.get_last_layer() is model.decoder.conv_out.weight
+
+    quant, emb_loss, info = model.encode(x)
+    assert quant.shape == (2, EMBED_DIM, 8, 8) and len(info) == 3
+    assert model.decode(quant).shape == x.shape
+
+    # gradients reach the encoder through the quantizer (straight-through)
+    ((xrec - x).abs().mean() + qloss).backward()
+    assert model.encoder.conv_in.weight.grad is not None
+    assert model.get_last_layer().grad is not None
+
+
+@pytest.mark.parametrize("variant", VARIANTS)
+def test_generator_parameters(variant, tiny_ddconfig):
+    model = build_ours(variant, tiny_ddconfig)
+    names = {id(p): n for n, p in model.named_parameters()}
+    got = [names[id(p)] for p in model.generator_parameters()]
+    # upstream configure_optimizers order: encoder, decoder, quantize, quant_conv, post_quant_conv
+    order = ["encoder.", "decoder."] + ([] if variant == "EMAVQ" else ["quantize."]) + \
+            ["quant_conv.", "post_quant_conv."]
+    expected = [n for prefix in order for n, _ in model.named_parameters() if n.startswith(prefix)]
+    assert got == expected
+    if variant == "EMAVQ":
+        assert not any(n.startswith("quantize.") for n in got)
+        for t in model.quantize.state_dict().values():
+            assert not t.requires_grad
+        # not even reachable through model.parameters()
+        assert not any(n.startswith("quantize.") for n, _ in model.named_parameters())
+    else:
+        assert any(n.startswith("quantize.") for n in got)
+
+
+# ---- upstream layout and weights -------------------------------------------------------
+
+@pytest.mark.parametrize("variant", VARIANTS)
+def test_state_dict_matches_upstream(variant, tiny_ddconfig, upstream):
+    ref = shapes(build_upstream(upstream, variant, tiny_ddconfig))
+    if variant == "EMAVQ":
+        ref = upstream_emavq_shapes(ref)
+    assert shapes(build_ours(variant, tiny_ddconfig)) == ref
+
+
+@pytest.mark.parametrize("variant", ["VQ", "Gumbel", "NoDisc"])
+def test_upstream_weights_load_strictly_and_give_identical_outputs(variant, tiny_ddconfig, upstream):
+    torch.manual_seed(1)
+    ref = build_upstream(upstream, variant, tiny_ddconfig).eval()
+    ours = build_ours(variant, tiny_ddconfig).eval()
+    load_model_weights(ours, ref.state_dict(), strict=True, source="upstream")
+    x = torch.rand(2, 3, 32, 32) * 2 - 1
+    with torch.no_grad():
+        torch.manual_seed(5)  # Gumbel samples noise even in eval mode
+        ref_rec, ref_loss = ref(x)
+        torch.manual_seed(5)
+        rec, loss = ours(x)
+    assert torch.equal(rec, ref_rec)
+    assert torch.equal(loss, ref_loss)
+
+
+def test_emavq_eval_matches_vectorquantizer2_with_same_codebook(tiny_ddconfig, upstream):
+    """EMAVQ in eval mode is VectorQuantizer2's nearest-code lookup; only the loss differs
+    (EMA: beta * ||sg[z_q] - z||^2; VectorQuantizer2 legacy: (1 + beta) * the same)."""
+    torch.manual_seed(2)
+    ref = build_upstream(upstream, "VQ", tiny_ddconfig).eval()
+    sd = dict(ref.state_dict())
+    sd["quantize.embedding.cluster_size"] = torch.ones(N_EMBED)
+    sd["quantize.embedding.embed_avg"] = sd["quantize.embedding.weight"].clone()
+    ours = build_ours("EMAVQ", tiny_ddconfig).eval()
+    load_model_weights(ours, sd, strict=True)
+    x = torch.rand(2, 3, 32, 32) * 2 - 1
+    with torch.no_grad():
+        ref_rec, ref_loss = ref(x)
+        rec, loss, _ = ours(x, return_pred_indices=True)
+        _, _, (_, _, ref_idx) = ref.encode(x)
+        _, _, (_, _, idx) = ours.encode(x)
+    torch.testing.assert_close(rec, ref_rec, rtol=0, atol=1e-6)
+    assert torch.equal(idx, ref_idx)
+    assert loss.item() == pytest.approx(ref_loss.item() * 0.25 / 1.25, rel=1e-5)
+
+
+def test_ldm_attention_options(tiny_ddconfig, upstream):
+    """latent-diffusion's attn_type none/linear: same layout as ldm's Encoder/Decoder."""
+    base = shapes(build_upstream(upstream, "VQ", tiny_ddconfig))
+    attn_prefixes = sorted({k[:-len(".q.weight")] for k in base if k.endswith(".q.weight")})
+    assert "encoder.mid.attn_1" in attn_prefixes and "decoder.up.2.attn.0" in attn_prefixes
+
+    def is_attn(key):
+        return any(key.startswith(p + ".") for p in attn_prefixes)
+
+    none = shapes(build_ours("VQ", dict(tiny_ddconfig, attn_type="none")))
+    assert none == {k: v for k, v in base.items() if not is_attn(k)}
+
+    for dd in (dict(tiny_ddconfig, attn_type="linear"), dict(tiny_ddconfig, use_linear_attn=True)):
+        lin = shapes(build_ours("VQ", dd))
+        expected = {k: v for k, v in base.items() if not is_attn(k)}
+        for p in attn_prefixes:
+            c = base[p + ".q.weight"][0]
+            expected.update({p + ".to_qkv.weight": (3 * c, c, 1, 1), p + ".to_out.weight": (c, c, 1, 1),
+                             p + ".to_out.bias": (c,)})
+        assert lin == expected
+
+
+def test_linear_attention_matches_ldm_formula():
+    """LinAttnBlock against ldm's LinearAttention written with einops (heads=1, no residual)."""
+    from einops import rearrange
+
+    from adapters.taming_vqgan import LinAttnBlock
+
+    torch.manual_seed(0)
+    block = LinAttnBlock(8)
+    x = torch.randn(2, 8, 3, 5)
+    qkv = block.to_qkv(x)
+    q, k, v = rearrange(qkv, "b (qkv heads c) h w -> qkv b heads c (h w)", heads=1, qkv=3)
+    k = k.softmax(dim=-1)
+    context = torch.einsum("bhdn,bhen->bhde", k, v)
+    out = torch.einsum("bhde,bhdn->bhen", context, q)
+    ref = block.to_out(rearrange(out, "b heads c (h w) -> b (heads c) h w", heads=1, h=3, w=5))
+    torch.testing.assert_close(block(x), ref)
+
+
+def test_tanh_out(tiny_ddconfig):
+    torch.manual_seed(0)
+    plain = build_ours("VQ", tiny_ddconfig).eval()
+    squashed = build_ours("VQ", dict(tiny_ddconfig, tanh_out=True)).eval()
+    squashed.load_state_dict(plain.state_dict())
+    x = torch.rand(1, 3, 32, 32)
+    with torch.no_grad():
+        torch.testing.assert_close(squashed(x)[0], torch.tanh(plain(x)[0]))
+
+
+def test_remap_layout_and_decode_code(tmp_path, tiny_ddconfig, upstream):
+    used = tmp_path / "used.npy"
+    np.save(used, np.arange(0, N_EMBED, 2))
+    ref = shapes(build_upstream(upstream, "VQ", tiny_ddconfig, remap=str(used)))
+    assert ref["quantize.used"] == (N_EMBED // 2,)
+    torch.manual_seed(0)
+    model = build_ours("VQ", tiny_ddconfig, remap=str(used), sane_index_shape=True).eval()
+    assert shapes(model) == ref
+    ema = build_ours("EMAVQ", tiny_ddconfig, remap=str(used))
+    assert shapes(ema) == upstream_emavq_shapes(ref)
+
+
+@pytest.mark.parametrize("variant", VARIANTS)
+def test_decode_code_reproduces_forward(variant, tiny_ddconfig):
+    torch.manual_seed(0)
+    model = build_ours(variant, tiny_ddconfig).eval()
+    x = torch.rand(2, 3, 32, 32) * 2 - 1
+    with torch.no_grad():
+        xrec, _, indices = model(x, return_pred_indices=True)
+        torch.testing.assert_close(model.decode_code(indices), xrec, rtol=1e-4, atol=1e-5)
+
+
+def test_gumbel_temperature_schedule(tiny_ddconfig):
+    from taming.lr_scheduler import LambdaWarmUpCosineScheduler
+
+    model = build_ours("Gumbel", tiny_ddconfig, temperature_scheduler_config=TEMP_SCHED, kl_weight=1e-6)
+    ref = LambdaWarmUpCosineScheduler(**TEMP_SCHED["params"])
+    for step in (0, 5, 50, 200):
+        assert model.update_temperature(step) == pytest.approx(ref(step))
+        assert model.quantize.temperature == pytest.approx(ref(step))
+    assert model.quantize.kl_weight == 1e-6
+    assert build_ours("VQ", tiny_ddconfig).update_temperature(3) is None
+
+
+def test_builds_from_dictconfig(tiny_ddconfig):
+    cfg = OmegaConf.structured(make_config(model_type="taming.models.vqgan.EMAVQ", model_variant="emavq",
+                                           model_args=dict(ddconfig=tiny_ddconfig, n_embed=N_EMBED,
+                                                           embed_dim=EMBED_DIM, decay=0.9, eps=1e-4)))
+    model = build_model(cfg)
+    assert model.variant == "EMAVQ"
+    assert model.quantize.embedding.decay == 0.9 and model.quantize.embedding.eps == 1e-4
+
+
+# ---- checkpoints -----------------------------------------------------------------------
+
+@pytest.mark.parametrize("variant", VARIANTS)
+def test_ckpt_path_loads_lightning_checkpoint(variant, tmp_path, tiny_ddconfig):
+    torch.manual_seed(3)
+    source = build_ours(variant, tiny_ddconfig)
+    if variant == "EMAVQ":  # give the EMA statistics non-initial values
+        source.train()(torch.rand(2, 3, 32, 32))
+    sd = {("module." + k if variant == "NoDisc" else k): v for k, v in source.state_dict().items()}
+    sd["loss.discriminator.main.0.weight"] = torch.zeros(64, 3, 4, 4)  # belongs to the loss
+    path = tmp_path / "last.ckpt"
+    torch.save({"state_dict": sd, "global_step": 7, "epoch": 1}, path)
+    torch.manual_seed(4)
+    loaded = build_ours(variant, tiny_ddconfig, ckpt_path=str(path))
+    for key, value in source.state_dict().items():
+        assert torch.equal(loaded.state_dict()[key], value), key
+
+
+def test_ckpt_path_ignore_keys_keep_initial_values(tmp_path, tiny_ddconfig):
+    torch.manual_seed(3)
+    source = build_ours("VQ", tiny_ddconfig)
+    path = tmp_path / "model.ckpt"
+    torch.save({"state_dict": source.state_dict()}, path)
+    loaded = build_ours("VQ", tiny_ddconfig, ckpt_path=str(path), ignore_keys=["quantize"])
+    assert not torch.equal(loaded.quantize.embedding.weight, source.quantize.embedding.weight)
+    assert torch.equal(loaded.decoder.conv_out.weight, source.decoder.conv_out.weight)
+
+
+def test_shape_mismatch_names_key_and_both_shapes(tmp_path, tiny_ddconfig):
+    big = build_model(make_config(model_type="TamingVQGAN", model_variant="VQ", model_args=dict(
+        ddconfig=tiny_ddconfig, n_embed=64, embed_dim=EMBED_DIM)))
+    path = tmp_path / "big.ckpt"
+    torch.save({"state_dict": big.state_dict()}, path)
+    with pytest.raises(UserError) as err:
+        build_ours("VQ", tiny_ddconfig, ckpt_path=str(path))
+    msg = str(err.value)
+    assert "quantize.embedding.weight: config (32, 8) vs checkpoint (64, 8)" in msg
+    assert "n_embed" in msg and str(path) in msg
+
+
+def test_variant_mismatch_is_explained(tiny_ddconfig):
+    vq = build_ours("VQ", tiny_ddconfig)
+    ema = build_ours("EMAVQ", tiny_ddconfig)
+    with pytest.raises(UserError, match=r"embed_avg.*model_variant: EMAVQ"):
+        load_model_weights(vq, ema.state_dict(), source="ema.ckpt")
+    with pytest.raises(UserError, match=r"cluster_size.*model_variant: VQ"):
+        load_model_weights(ema, vq.state_dict(), source="vq.ckpt")
+    with pytest.raises(UserError, match="loss.*belong to the loss"):
+        load_model_weights(vq, dict(vq.state_dict(), **{"loss.logvar": torch.zeros(())}))
+
+
+def test_unreadable_checkpoint_is_a_user_error(tmp_path, tiny_ddconfig):
+    with pytest.raises(UserError, match="not found"):
+        build_ours("VQ", tiny_ddconfig, ckpt_path=str(tmp_path / "missing.ckpt"))
+    bad = tmp_path / "garbage.ckpt"
+    bad.write_bytes(b"not a checkpoint")
+    with pytest.raises(UserError, match="garbage.ckpt"):
+        build_ours("VQ", tiny_ddconfig, ckpt_path=str(bad))
+
+
+# ---- bad configs -----------------------------------------------------------------------
+
+@pytest.mark.parametrize("variant,change,match", [
+    ("VQ", {"n_embd": 16}, r"'n_embd' \(did you mean 'n_embed'"),
+    ("NoDisc", {"remap": "x.npy"}, r"unknown argument.*'remap'.*VQ, EMAVQ, Gumbel take it"),
+    ("Gumbel", {"embed_dim": 16}, r"embed_dim \(16\) must equal ddconfig.z_channels \(8\)"),
+    ("VQ", {"ddconfig.ch": 16}, r"multiples of 32"),
+    ("VQ", {"ddconfig.double_z": True}, r"double_z: false"),
+    ("VQ", {"ddconfig.attn_type": "flash"}, r"attn_type: 'flash'"),
+    ("VQ", {"remap": "/nonexistent/used.npy"}, r"remap: file not found"),
+    ("VQ", {"n_embed": None}, r"missing n_embed"),
+    ("VQ", {"use_ema": True}, r"use_ema"),
+])
+def test_bad_model_args(variant, change, match, tiny_ddconfig):
+    args = dict(ddconfig=dict(tiny_ddconfig), n_embed=N_EMBED, embed_dim=EMBED_DIM)
+    for key, value in change.items():
+        if key.startswith("ddconfig."):
+            args["ddconfig"][key.split(".", 1)[1]] = value
+        else:
+            args[key] = value
+    with pytest.raises(UserError, match=match):
+        build_model(make_config(model_type="TamingVQGAN", model_variant=variant, model_args=args))
+
+
+def test_unknown_variant_is_a_user_error(tiny_ddconfig):
+    with pytest.raises(UserError, match="EMAVQ"):
+        build_ours("EMAQV", tiny_ddconfig)
