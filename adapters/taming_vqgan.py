@@ -59,7 +59,8 @@ ACCEPTED_ARGS: Dict[str, Tuple[str, ...]] = {
                      # ldm.models.autoencoder.VQModel
                      "batch_resize_range", "scheduler_config", "lr_g_factor", "use_ema"),
     "EMAVQ": _COMMON + ("monitor", "remap", "sane_index_shape", "beta", "decay", "eps"),
-    "Gumbel": _COMMON + ("monitor", "remap", "temperature_scheduler_config", "kl_weight", "temp_init"),
+    "Gumbel": _COMMON + ("monitor", "remap", "temperature_scheduler_config", "kl_weight", "temp_init",
+                         "straight_through"),
     "NoDisc": _COMMON + ("beta",),
 }
 # Keys a legacy config may leave inside model_args; they are read elsewhere.
@@ -152,7 +153,7 @@ class TamingVQGAN(nn.Module):
     def __init__(self, variant: str, ddconfig: Dict[str, Any], n_embed: int, embed_dim: int, *,
                  remap: Optional[str] = None, sane_index_shape: bool = False, beta: float = DEFAULT_BETA,
                  decay: float = DEFAULT_DECAY, eps: float = DEFAULT_EPS, kl_weight: float = DEFAULT_KL_WEIGHT,
-                 temp_init: float = DEFAULT_TEMP_INIT, temperature_scheduler=None,
+                 temp_init: float = DEFAULT_TEMP_INIT, straight_through: bool = True, temperature_scheduler=None,
                  colorize_nlabels: Optional[int] = None):
         super().__init__()
         if variant not in VARIANTS:
@@ -175,7 +176,7 @@ class TamingVQGAN(nn.Module):
             # builds for z_channels; the builder checks that the two agree.
             self.quantize = _quiet_build(GumbelQuantize, num_hiddens=z_channels, embedding_dim=embed_dim,
                                          n_embed=n_embed, kl_weight=kl_weight, temp_init=temp_init,
-                                         remap=remap)
+                                         straight_through=straight_through, remap=remap)
         else:
             from taming.modules.vqvae.quantize import VectorQuantizer2
 
@@ -377,6 +378,7 @@ def build_taming_vqgan(cfg) -> TamingVQGAN:
         eps=float(args.get("eps", DEFAULT_EPS)),
         kl_weight=float(args.get("kl_weight", DEFAULT_KL_WEIGHT)),
         temp_init=float(args.get("temp_init", DEFAULT_TEMP_INIT)),
+        straight_through=bool(args.get("straight_through", True)),
         temperature_scheduler=_build_temperature_scheduler(args.get("temperature_scheduler_config")),
         colorize_nlabels=args.get("colorize_nlabels"),
     )

@@ -228,6 +228,30 @@ def test_remap_layout_and_decode_code(tmp_path, tiny_ddconfig, upstream):
     assert shapes(ema) == upstream_emavq_shapes(ref)
 
 
+@pytest.mark.parametrize("variant", ["VQ", "EMAVQ"])
+def test_remapped_indices_decode_back(variant, tmp_path, tiny_ddconfig):
+    used = tmp_path / "perm.npy"
+    np.save(used, np.random.default_rng(0).permutation(N_EMBED))  # every code, shuffled
+    torch.manual_seed(0)
+    model = build_ours(variant, tiny_ddconfig, remap=str(used)).eval()
+    x = torch.rand(2, 3, 32, 32) * 2 - 1
+    with torch.no_grad():
+        xrec, _, remapped = model(x, return_pred_indices=True)
+        torch.testing.assert_close(model.decode_code(remapped), xrec, rtol=1e-4, atol=1e-5)
+        # the nearest code in the full codebook, found directly
+        z = model.encode_to_prequant(x).permute(0, 2, 3, 1).reshape(-1, EMBED_DIM)
+        nearest = torch.cdist(z, model.quantize.embedding.weight).argmin(1)
+    perm = torch.as_tensor(np.load(used))
+    assert not torch.equal(remapped.reshape(-1), nearest)  # remapping really changed the numbers
+    assert torch.equal(perm[remapped.reshape(-1)], nearest)
+
+
+def test_colorize_buffer_layout(tiny_ddconfig, upstream):
+    ref = shapes(build_upstream(upstream, "VQ", tiny_ddconfig, colorize_nlabels=5))
+    assert ref["colorize"] == (3, 5, 1, 1)
+    assert shapes(build_ours("VQ", tiny_ddconfig, colorize_nlabels=5)) == ref
+
+
 @pytest.mark.parametrize("variant", VARIANTS)
 def test_decode_code_reproduces_forward(variant, tiny_ddconfig):
     torch.manual_seed(0)
@@ -346,3 +370,51 @@ def test_bad_model_args(variant, change, match, tiny_ddconfig):
 def test_unknown_variant_is_a_user_error(tiny_ddconfig):
     with pytest.raises(UserError, match="EMAVQ"):
         build_ours("EMAQV", tiny_ddconfig)
+
+
+# ---- full-size official configs (built on the meta device: shapes only, no memory) ------
+
+F16 = dict(double_z=False, z_channels=256, resolution=256, in_channels=3, out_ch=3, ch=128,
+           ch_mult=[1, 1, 2, 2, 4], num_res_blocks=2, attn_resolutions=[16], dropout=0.0)
+OFFICIAL = {
+    # taming configs/*: vqgan_imagenet_f16_1024 / _16384, vqgan_gumbel_f8
+    "taming_f16_1024": ("VQ", F16, 1024, 256),
+    "taming_f16_16384": ("VQ", F16, 16384, 256),
+    "taming_f16_1024_emavq": ("EMAVQ", F16, 1024, 256),
+    "taming_f16_1024_nodisc": ("NoDisc", F16, 1024, 256),
+    "taming_gumbel_f8": ("Gumbel", dict(F16, ch_mult=[1, 1, 2, 4], attn_resolutions=[32]), 8192, 256),
+    # latent-diffusion models/first_stage_models/vq-f4, vq-f8, vq-f16 (ldm.models.autoencoder.VQModel)
+    "ldm_vq_f4": ("VQ", dict(F16, z_channels=3, ch_mult=[1, 2, 4], attn_resolutions=[]), 8192, 3),
+    "ldm_vq_f8": ("VQ", dict(F16, z_channels=4, ch_mult=[1, 2, 2, 4], attn_resolutions=[32]), 16384, 4),
+    "ldm_vq_f16": ("VQ", dict(F16, z_channels=8, ch_mult=[1, 1, 2, 2, 4], attn_resolutions=[16]), 16384, 8),
+}
+
+
+@pytest.mark.parametrize("name", sorted(OFFICIAL))
+def test_official_config_layouts(name, upstream):
+    variant, ddconfig, n_embed, embed_dim = OFFICIAL[name]
+    kwargs = dict(ddconfig=ddconfig, lossconfig=DUMMY_LOSS, n_embed=n_embed, embed_dim=embed_dim)
+    cls = {"VQ": upstream.VQModel, "EMAVQ": upstream.VQModel, "Gumbel": upstream.GumbelVQ,
+           "NoDisc": upstream.VQNoDiscModel}[variant]
+    if variant == "Gumbel":
+        kwargs["temperature_scheduler_config"] = TEMP_SCHED
+    with torch.device("meta"):
+        ref = shapes(quiet(cls, **kwargs))
+        ours = shapes(build_model(make_config(model_type="TamingVQGAN", model_variant=variant, model_args=dict(
+            ddconfig=ddconfig, n_embed=n_embed, embed_dim=embed_dim))))
+    if variant == "EMAVQ":
+        ref["quantize.embedding.cluster_size"] = (n_embed,)
+        ref["quantize.embedding.embed_avg"] = (n_embed, embed_dim)
+    assert ours == ref
+
+
+def test_ldm_vq_f4_noattn_layout(upstream):
+    """vq-f4-noattn sets ddconfig.attn_type: none -- no attention weights anywhere."""
+    _, ddconfig, n_embed, embed_dim = OFFICIAL["ldm_vq_f4"]
+    with torch.device("meta"):
+        ref = shapes(quiet(upstream.VQModel, ddconfig=ddconfig, lossconfig=DUMMY_LOSS, n_embed=n_embed,
+                           embed_dim=embed_dim))
+        ours = shapes(build_model(make_config(model_type="TamingVQGAN", model_variant="VQ", model_args=dict(
+            ddconfig=dict(ddconfig, attn_type="none"), n_embed=n_embed, embed_dim=embed_dim))))
+    assert any(".attn_1." in k for k in ref)
+    assert ours == {k: v for k, v in ref.items() if ".attn_1." not in k and ".attn." not in k}
