@@ -147,7 +147,8 @@ class TamingVQGAN(nn.Module):
     returns ``(xrec, codebook_loss, indices)`` with ``indices`` a (B, h, w) LongTensor of the
     codes used for this batch (after ``remap``), which losses use for codebook statistics.
     Call it through the (possibly DDP-wrapped) model, not via ``.module``, so DDP sees the
-    forward.  Nothing about the batch is stored on the module.
+    forward.  The adapter keeps no per-batch state of its own (taming's Decoder does record
+    ``last_z_shape``).
     """
 
     def __init__(self, variant: str, ddconfig: Dict[str, Any], n_embed: int, embed_dim: int, *,
@@ -383,7 +384,10 @@ def build_taming_vqgan(cfg) -> TamingVQGAN:
         colorize_nlabels=args.get("colorize_nlabels"),
     )
     if args.get("ckpt_path"):
-        load_taming_checkpoint(model, str(args["ckpt_path"]), ignore_keys=args.get("ignore_keys") or ())
+        ignore_keys = args.get("ignore_keys") or ()
+        if isinstance(ignore_keys, str):  # one prefix written without a list
+            ignore_keys = [ignore_keys]
+        load_taming_checkpoint(model, str(args["ckpt_path"]), ignore_keys=ignore_keys)
     return model
 
 
