@@ -1,0 +1,389 @@
+"""Training images: folders, file lists, taming ``CustomTrain`` sections and built-in photos.
+
+    python -m train fit CONFIG --data /path/to/images        # a folder (searched recursively)
+    python -m train fit CONFIG --data train_files.txt        # one image path per line
+    python -m train fit CONFIG --data builtin                # scikit-image's photographs
+
+Where the images come from (first that is set wins): ``--data``, ``data.path`` in the
+config, then a taming YAML ``data`` section whose ``train`` dataset is
+``taming.data.custom.CustomTrain`` (its ``training_images_list_file``, read with taming's
+semantics: one path per line, rescale the shorter side to ``size``, centre crop).
+
+Exact resume needs the data to be a pure function of the step, not of an iterator's
+history.  So a sample is addressed by its *global sample number* k (how many images all
+ranks have drawn before it): k picks the epoch (k // N), the epoch's permutation (seeded by
+``(seed, epoch)``) picks the file, and a generator seeded by ``(seed, k)`` picks the crop.
+:class:`StepBatchSampler` hands out the sample numbers of each micro-batch from any step
+onward, so a run resumed at step s reads exactly the batches the uninterrupted run read.
+
+Unreadable or corrupt images never stop training: files whose header cannot be read are
+dropped before training (and counted); a file that fails to decode later is replaced by the
+next file of the permutation and counted in ``batch["skipped"]``.  A data set with no
+readable image is a :class:`UserError` before training starts.
+"""
+from __future__ import annotations
+
+import math
+import os
+import sys
+from dataclasses import dataclass, field
+from typing import Dict, Iterator, List, Optional, Sequence, Tuple
+
+import numpy as np
+import torch
+from PIL import Image
+from torch.utils.data import Dataset
+
+from train.errors import UserError
+
+IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".ppm", ".pgm")
+
+# scikit-image's bundled photographs (skimage/data) used by ``--data builtin``.  Grey ones
+# are converted to RGB.  The held-out pair is never trained on: the demo measures PSNR on it.
+BUILTIN_TRAIN = ("astronaut.png", "camera.png", "coins.png", "moon.png", "brick.png", "grass.png",
+                 "gravel.png", "hubble_deep_field.jpg", "ihc.png", "motorcycle_left.png",
+                 "retina.jpg", "rocket.jpg", "cell.png", "clock_motion.png", "page.png")
+BUILTIN_HELDOUT = ("chelsea.png", "coffee.png")
+# Built-in crops are taken after rescaling the shorter side to image_size x U(1, 4) (capped
+# at the photo's own size), so a few photographs give many different crops.
+BUILTIN_SCALE_RANGE = (1.0, 4.0)
+
+# Upstream dataset classes that are plain image-path lists (their file-list parameter).
+TAMING_LIST_DATASETS = {
+    "taming.data.custom.CustomTrain": "training_images_list_file",
+    "taming.data.custom.CustomTest": "test_images_list_file",
+}
+
+
+@dataclass
+class DataSpec:
+    """Which files to read and how to crop them."""
+
+    paths: List[str]
+    image_size: int
+    random_crop: bool = True
+    # Shorter side is rescaled to image_size x U(lo, hi) before cropping; (1, 1) is taming's.
+    scale_range: Tuple[float, float] = (1.0, 1.0)
+    # Where the list came from, for the log ("folder /x (1200 images)").
+    source: str = ""
+    # Files dropped because their header could not be read.
+    unreadable: List[str] = field(default_factory=list)
+    # Keep decoded images in memory (the built-in set is a few MB).
+    cache: bool = False
+
+
+# ----------------------------------------------------------------------------------------
+# Finding the files
+
+def builtin_dir() -> str:
+    try:
+        import skimage
+    except ImportError:
+        raise UserError("--data builtin needs scikit-image (pip install scikit-image); "
+                        "or point --data at an image folder") from None
+    return os.path.join(os.path.dirname(skimage.__file__), "data")
+
+
+def builtin_paths(heldout: bool = False) -> List[str]:
+    names = BUILTIN_HELDOUT if heldout else BUILTIN_TRAIN
+    root = builtin_dir()
+    return [os.path.join(root, n) for n in names if os.path.isfile(os.path.join(root, n))]
+
+
+def list_folder(path: str) -> List[str]:
+    """Image files under ``path`` (recursive, sorted so every rank sees the same order)."""
+    found = []
+    for dirpath, dirnames, filenames in os.walk(path, followlinks=True):
+        dirnames.sort()
+        found += [os.path.join(dirpath, f) for f in sorted(filenames)
+                  if f.lower().endswith(IMAGE_EXTENSIONS) and not f.startswith(".")]
+    return found
+
+
+def read_file_list(path: str) -> List[str]:
+    """taming ``CustomTrain`` semantics: one path per line.
+
+    Relative paths are taken relative to the working directory, as taming does; when that
+    does not exist, relative to the list file's folder (lists that travel with their data).
+    """
+    try:
+        with open(path, "r", encoding="utf-8") as fh:
+            lines = fh.read().splitlines()
+    except UnicodeDecodeError:
+        raise UserError(f"--data {path}: neither an image folder nor a text file list; "
+                        "give a folder or a file with one image path per line") from None
+    except OSError as exc:
+        raise UserError(f"--data {path}: cannot be read ({exc.strerror})") from None
+    base = os.path.dirname(os.path.abspath(path))
+    paths = []
+    for line in lines:
+        line = line.strip()
+        if not line or line.startswith("#"):
+            continue
+        if not os.path.isabs(line) and not os.path.exists(line) and os.path.exists(os.path.join(base, line)):
+            line = os.path.join(base, line)
+        paths.append(line)
+    return paths
+
+
+def paths_from_argument(path: str) -> Tuple[List[str], str]:
+    """A ``--data`` value -> (file paths, description)."""
+    if path == "builtin":
+        paths = builtin_paths()
+        return paths, f"builtin ({len(paths)} scikit-image photographs)"
+    if os.path.isdir(path):
+        paths = list_folder(path)
+        return paths, f"folder {path} ({len(paths)} image files)"
+    if os.path.isfile(path):
+        if path.lower().endswith(IMAGE_EXTENSIONS):
+            return [path], f"image {path}"
+        paths = read_file_list(path)
+        return paths, f"file list {path} ({len(paths)} entries)"
+    raise UserError(f"--data {path}: no such file or folder; give an image folder, a file list "
+                    "(one path per line) or 'builtin'")
+
+
+def _taming_list_file(cfg, split: str) -> Optional[Tuple[str, int]]:
+    """(list file, size) from a taming YAML ``data`` section; None when there is none."""
+    upstream = cfg.upstream.get("data") if cfg.upstream is not None else None
+    if not upstream:
+        return None
+    from train.schema import as_dict
+
+    upstream = as_dict(upstream)
+    params = upstream.get("params") or {}
+    section = params.get(split)
+    if not isinstance(section, dict):
+        return None
+    target = section.get("target", "")
+    if target not in TAMING_LIST_DATASETS:
+        raise UserError(f"data.params.{split}.target {target!r}: only taming's CustomTrain/CustomTest "
+                        "(file lists) can be read directly; pass --data /path/to/image/folder "
+                        "(or a file with one image path per line) instead")
+    key = TAMING_LIST_DATASETS[target]
+    dparams = section.get("params") or {}
+    if not dparams.get(key):
+        raise UserError(f"data.params.{split}.params.{key} is missing; set it or pass --data")
+    return str(dparams[key]), int(dparams.get("size") or cfg.data.image_size)
+
+
+def check_readable(paths: Sequence[str]) -> Tuple[List[str], List[str]]:
+    """Split ``paths`` into (readable, unreadable) by opening each header.
+
+    Only the header is read (fast); files that fail to decode later are handled at load time.
+    """
+    good, bad = [], []
+    for p in paths:
+        try:
+            with Image.open(p) as im:
+                w, h = im.size
+            (good if w > 0 and h > 0 else bad).append(p)
+        except Exception:  # noqa: BLE001 - any failure means "not a readable image"
+            bad.append(p)
+    return good, bad
+
+
+def resolve_data(cfg, data_arg: Optional[str] = None, split: str = "train") -> DataSpec:
+    """The training (or held-out, ``split="validation"``) images of a run.
+
+    Raises :class:`UserError` when nothing names the data or no file is a readable image.
+    """
+    size = int(cfg.data.image_size)
+    random_crop = bool(cfg.data.random_crop) if split == "train" else False
+    scale = (1.0, 1.0)
+    cache = False
+    where = data_arg if split == "train" else None
+    if where is None:
+        where = cfg.data.path if split == "train" else cfg.data.val_path
+    if split != "train" and where is None and (data_arg == "builtin" or cfg.data.path == "builtin"):
+        where = "builtin"
+    if where == "builtin":
+        paths = builtin_paths(heldout=split != "train")
+        source = f"builtin ({len(paths)} scikit-image photographs{', held out' if split != 'train' else ''})"
+        scale, cache = BUILTIN_SCALE_RANGE, True
+    elif where is not None:
+        paths, source = paths_from_argument(str(where))
+    else:
+        found = _taming_list_file(cfg, split)
+        if found is None:
+            if split != "train":
+                return DataSpec(paths=[], image_size=size, random_crop=False, source="none")
+            raise UserError("no training data: pass --data /path/to/images (a folder, a file list or "
+                            "'builtin'), or set data.path in the config")
+        list_file, size = found
+        paths = read_file_list(list_file)
+        # taming's CustomTrain/CustomTest always centre-crop after rescaling.
+        random_crop = False
+        source = f"taming file list {list_file} ({len(paths)} entries)"
+    good, bad = check_readable(paths)
+    if not good and split == "train":
+        example = f" (e.g. {bad[0]})" if bad else ""
+        raise UserError(f"no readable image in {source}{example}; check the path and the files")
+    return DataSpec(paths=good, image_size=size, random_crop=random_crop, scale_range=scale,
+                    source=source, unreadable=bad, cache=cache)
+
+
+# ----------------------------------------------------------------------------------------
+# Loading and cropping
+
+def load_rgb(path: str) -> Image.Image:
+    with Image.open(path) as im:
+        im.load()
+        return im.convert("RGB")
+
+
+def crop_image(img: Image.Image, size: int, rng: np.random.Generator, random_crop: bool,
+               scale_range: Tuple[float, float]) -> np.ndarray:
+    """Rescale the shorter side to ``size * U(scale_range)`` (never below ``size``), crop.
+
+    With ``scale_range=(1, 1)`` and a centre crop this is taming's ``ImagePaths``
+    preprocessing (albumentations ``SmallestMaxSize`` + ``CenterCrop``/``RandomCrop``).
+    """
+    w, h = img.size
+    lo, hi = scale_range
+    if hi > lo:
+        # A random zoom, but never upsampling past the photo's own resolution.
+        short = max(size, min(int(round(size * float(rng.uniform(lo, hi)))), min(w, h)))
+    else:
+        short = max(size, int(round(size * lo)))
+    if min(w, h) != short:
+        ratio = short / min(w, h)
+        img = img.resize((max(size, int(round(w * ratio))), max(size, int(round(h * ratio)))), Image.BICUBIC)
+        w, h = img.size
+    if random_crop:
+        x = int(rng.integers(0, w - size + 1))
+        y = int(rng.integers(0, h - size + 1))
+    else:
+        x, y = (w - size) // 2, (h - size) // 2
+    return np.asarray(img.crop((x, y, x + size, y + size)), dtype=np.uint8)
+
+
+def to_tensor(array: np.ndarray) -> torch.Tensor:
+    """uint8 HWC -> float32 CHW in [-1, 1] (taming's ``image / 127.5 - 1``)."""
+    return torch.from_numpy(array.astype(np.float32) / 127.5 - 1.0).permute(2, 0, 1).contiguous()
+
+
+class ImageCrops(Dataset):
+    """Item ``k`` is the crop for global sample number ``k`` (see the module docstring).
+
+    ``len()`` is the number of files (one epoch); indices beyond it address later epochs.
+    Each item is ``{"image": (3, S, S) in [-1, 1], "path": str, "file_index": int,
+    "skipped": int}`` (``path`` lets DinoVQ look features up in its cache).
+    """
+
+    def __init__(self, spec: DataSpec, seed: int):
+        if not spec.paths:
+            raise UserError(f"no readable image in {spec.source or 'the data set'}")
+        self.spec = spec
+        self.seed = int(seed)
+        self._perm_epoch = -1
+        self._perm: Optional[np.ndarray] = None
+        self._cache: Dict[int, Image.Image] = {}
+        self._reported: set = set()
+
+    def __len__(self) -> int:
+        return len(self.spec.paths)
+
+    def permutation(self, epoch: int) -> np.ndarray:
+        if epoch != self._perm_epoch:
+            self._perm = np.random.default_rng([self.seed, 0, epoch]).permutation(len(self))
+            self._perm_epoch = epoch
+        return self._perm
+
+    def _image(self, index: int) -> Image.Image:
+        if index in self._cache:
+            return self._cache[index]
+        img = load_rgb(self.spec.paths[index])
+        if self.spec.cache:
+            # Cached photos are stored no larger than the largest zoom needs (faster crops).
+            limit = int(round(self.spec.image_size * self.spec.scale_range[1]))
+            w, h = img.size
+            if min(w, h) > limit:
+                img = img.resize((round(w * limit / min(w, h)), round(h * limit / min(w, h))), Image.BICUBIC)
+            self._cache[index] = img
+        return img
+
+    def __getitem__(self, k: int) -> Dict[str, torch.Tensor]:
+        n = len(self)
+        epoch, pos = divmod(int(k), n)
+        perm = self.permutation(epoch)
+        rng = np.random.default_rng([self.seed, 1, int(k)])
+        skipped = 0
+        # A file that fails to decode is replaced by the next one of the permutation, so the
+        # choice stays a function of k (exact resume) and a bad file never stops training.
+        for offset in range(n):
+            index = int(perm[(pos + offset) % n])
+            try:
+                img = self._image(index)
+                crop = crop_image(img, self.spec.image_size, rng, self.spec.random_crop, self.spec.scale_range)
+                return {"image": to_tensor(crop), "path": self.spec.paths[index], "file_index": index,
+                        "skipped": skipped}
+            except Exception as exc:  # noqa: BLE001 - any decoding failure skips the file
+                skipped += 1
+                path = self.spec.paths[index]
+                if path not in self._reported:
+                    self._reported.add(path)
+                    print(f"warning: skipping unreadable image {path} ({type(exc).__name__}: {exc})",
+                          file=sys.stderr)
+        raise UserError(f"no image in {self.spec.source} could be decoded; check the files")
+
+
+class StepBatchSampler:
+    """Sample numbers of every micro-batch from ``start_step`` on (infinite when no end).
+
+    Micro-batch ``m`` of optimizer step ``s`` on ``rank`` gets the ``batch_size`` numbers
+    starting at ``((s * accumulate + m) * world_size + rank) * batch_size``: ranks never
+    share a sample, and every epoch is one permutation of the files.
+    """
+
+    def __init__(self, batch_size: int, accumulate: int = 1, world_size: int = 1, rank: int = 0,
+                 start_step: int = 0, end_step: Optional[int] = None):
+        self.batch_size, self.accumulate = int(batch_size), int(accumulate)
+        self.world_size, self.rank = int(world_size), int(rank)
+        self.start_step, self.end_step = int(start_step), end_step
+
+    def first_sample(self, step: int, micro: int) -> int:
+        return ((step * self.accumulate + micro) * self.world_size + self.rank) * self.batch_size
+
+    def __iter__(self) -> Iterator[List[int]]:
+        step = self.start_step
+        while self.end_step is None or step < self.end_step:
+            for micro in range(self.accumulate):
+                first = self.first_sample(step, micro)
+                yield list(range(first, first + self.batch_size))
+            step += 1
+
+    def __len__(self) -> int:
+        if self.end_step is None:
+            raise TypeError("an open-ended StepBatchSampler has no length")
+        return max(0, self.end_step - self.start_step) * self.accumulate
+
+
+def steps_for_epochs(epochs: float, n_images: int, images_per_step: int) -> int:
+    """Optimizer steps that cover ``epochs`` passes over ``n_images``."""
+    return max(1, math.ceil(epochs * n_images / images_per_step))
+
+
+def make_loader(spec: DataSpec, seed: int, batch_size: int, accumulate: int, world_size: int, rank: int,
+                start_step: int, end_step: Optional[int], num_workers: int = 0, pin_memory: bool = False):
+    """A DataLoader over :class:`ImageCrops` driven by :class:`StepBatchSampler`.
+
+    It gets its own ``torch.Generator`` so creating it never draws from the global RNG
+    (which is part of the checkpointed state).
+    """
+    dataset = ImageCrops(spec, seed)
+    sampler = StepBatchSampler(batch_size, accumulate, world_size, rank, start_step, end_step)
+    return torch.utils.data.DataLoader(dataset, batch_sampler=sampler, num_workers=int(num_workers),
+                                       pin_memory=pin_memory, generator=torch.Generator().manual_seed(seed),
+                                       persistent_workers=False)
+
+
+def fixed_crops(spec: DataSpec, count: int, seed: int = 0) -> torch.Tensor:
+    """``count`` deterministic crops (B, 3, S, S) of ``spec`` -- e.g. a held-out eval batch."""
+    dataset = ImageCrops(spec, seed)
+    return torch.stack([dataset[k]["image"] for k in range(count)])
+
+
+__all__ = ["DataSpec", "ImageCrops", "StepBatchSampler", "resolve_data", "make_loader", "fixed_crops",
+           "builtin_paths", "list_folder", "read_file_list", "steps_for_epochs", "BUILTIN_TRAIN",
+           "BUILTIN_HELDOUT"]

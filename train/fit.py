@@ -1,0 +1,175 @@
+"""``python -m train fit``: train a model from any supported config.
+
+    python -m train fit CONFIG [--data PATH|builtin] [--out RUN_DIR] [--max-steps N]
+                               [--resume RUN_DIR|CKPT] [key=value ...]
+    torchrun --nproc_per_node=2 -m train fit CONFIG --data /images      # DDP, one process per GPU
+
+* ``CONFIG``: a legacy JSON, taming YAML or native config (``train/config.py``);
+  ``key=value`` overrides use the normalized names (``train.batch_size=4``).
+* ``--data``: an image folder, a file list (one path per line) or ``builtin``; default:
+  ``data.path`` of the config, then a taming ``CustomTrain`` data section.
+* ``--out``: the run folder itself; default ``logs/<timestamp>_<name>/`` as taming's.
+* ``--resume``: a run folder, a ``.ckpt`` written by this command, or a folder written by
+  ``python -m train migrate``.  CONFIG may then be left out (the checkpoint's resolved
+  config is used).  A run folder is continued in place unless ``--out`` says otherwise.
+
+Exit codes: 0 trained (also when stopped by SIGTERM/SIGINT after saving), 1 training
+stopped itself (e.g. too many non-finite steps), 2 unusable input.
+"""
+from __future__ import annotations
+
+import argparse
+import datetime
+import os
+import sys
+from typing import List, Optional, Tuple
+
+from train.errors import UserError
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse that reports bad values as one UserError line (exit 2) instead of usage text."""
+
+    def error(self, message):
+        raise UserError(f"fit: {message} (see python -m train fit --help)")
+
+
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"{text!r} must be >= 1")
+    return value
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = _Parser(prog="python -m train fit", description="Train a VQ tokenizer from a config.")
+    p.add_argument("items", nargs="*", metavar="CONFIG [key=value ...]",
+                   help="config file, then overrides such as train.batch_size=4")
+    p.add_argument("--data", help="image folder, file list (one path per line) or 'builtin'")
+    p.add_argument("--out", help="run folder (default logs/<timestamp>_<name>/)")
+    p.add_argument("--max-steps", type=_positive_int, help="train up to this global step")
+    p.add_argument("--resume", help="run folder, checkpoint file, or migrated folder to continue from")
+    p.add_argument("--no-bar", action="store_true", help="plain log lines even on a terminal")
+    return p
+
+
+def split_items(items: List[str]) -> Tuple[Optional[str], List[str]]:
+    """CONFIG is the one item without '='; the rest are key=value overrides."""
+    configs = [i for i in items if "=" not in i]
+    overrides = [i for i in items if "=" in i]
+    if len(configs) > 1:
+        raise UserError(f"fit: one config file expected, got {', '.join(configs)}; overrides are key=value")
+    return (configs[0] if configs else None), overrides
+
+
+def resolve_config(config_path: Optional[str], overrides: List[str], resume):
+    """The run's typed config: CONFIG + overrides, or (resuming without CONFIG) the
+    checkpoint's own resolved config + overrides."""
+    from train.config import apply_overrides, config_from_dict, load_config
+
+    if config_path is not None:
+        return load_config(config_path, overrides)
+    if resume is None:
+        raise UserError("fit: no config file given; usage: python -m train fit CONFIG [--data PATH] "
+                        "[--out RUN_DIR] [--max-steps N] [--resume RUN_DIR|CKPT] [key=value ...]")
+    if resume.kind == "checkpoint":
+        import yaml
+
+        from train.checkpoint import load_state
+
+        text = load_state(resume.path).get("config")
+        if text:
+            return config_from_dict(apply_overrides(yaml.safe_load(text), overrides))
+    if resume.config_path:
+        return load_config(resume.config_path, overrides)
+    raise UserError(f"--resume {resume.path}: no config.yaml next to it; pass the config file as well")
+
+
+def default_run_dir(name: str) -> str:
+    """taming's naming: logs/<YYYY-mm-ddTHH-MM-SS>_<name>."""
+    now = datetime.datetime.now().strftime("%Y-%m-%dT%H-%M-%S")
+    safe = "".join(c if c.isalnum() or c in "-_." else "_" for c in str(name)) or "run"
+    return os.path.join("logs", f"{now}_{safe}")
+
+
+def init_distributed() -> bool:
+    """Join the torchrun process group when launched by torchrun (WORLD_SIZE > 1)."""
+    import torch
+    import torch.distributed as dist
+
+    if int(os.environ.get("WORLD_SIZE", "1")) <= 1 or dist.is_initialized():
+        return False
+    if torch.cuda.is_available():
+        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
+        dist.init_process_group("nccl")
+    else:
+        dist.init_process_group("gloo")
+    return True
+
+
+def _shared_value(value):
+    """Rank 0's ``value`` on every rank (e.g. the run folder's timestamped name)."""
+    import torch.distributed as dist
+
+    from adapters.distributed import is_distributed
+
+    if not is_distributed():
+        return value
+    box = [value]
+    dist.broadcast_object_list(box, src=0)
+    return box[0]
+
+
+def cli_main(argv: List[str]) -> int:
+    args = build_parser().parse_intermixed_args(argv)
+    config_path, overrides = split_items(args.items)
+    if args.max_steps is not None:
+        overrides = [o for o in overrides if not o.startswith("train.max_steps=")]
+        overrides.append(f"train.max_steps={args.max_steps}")
+
+    from train.checkpoint import LAST, find_resume_source
+
+    resume = find_resume_source(args.resume) if args.resume else None
+    cfg = resolve_config(config_path, overrides, resume)
+    if args.data is not None:
+        # Recorded in the run's config.yaml, so a resume needs no --data.
+        cfg.data.path = args.data if args.data == "builtin" else os.path.abspath(args.data)
+
+    from train.data import resolve_data
+
+    data = resolve_data(cfg)
+
+    started_dist = init_distributed()
+    try:
+        from adapters.distributed import rank
+
+        run_dir = args.out or (resume.run_dir if resume is not None else None) or default_run_dir(cfg.name)
+        run_dir = _shared_value(run_dir)
+        if resume is None and os.path.isfile(os.path.join(run_dir, "checkpoints", LAST)):
+            raise UserError(f"--out {run_dir} already holds a run (checkpoints/{LAST}); continue it with "
+                            f"--resume {run_dir}, or choose another --out")
+
+        from train.trainer import Trainer, TrainingStopped
+
+        trainer = Trainer(cfg, data, run_dir, resume=resume, use_bar=False if args.no_bar else None)
+        try:
+            result = trainer.fit()
+        except TrainingStopped as exc:
+            if rank() == 0:
+                print(f"error: {exc}", file=sys.stderr)
+            return exc.exit_code
+        if rank() == 0:
+            print(f"done: step {result.steps} in {result.seconds:.0f}s; run folder {result.run_dir}"
+                  + (f"; last grid {result.last_grid}" if result.last_grid else ""))
+        return 0
+    finally:
+        if started_dist:
+            import torch.distributed as dist
+
+            dist.destroy_process_group()
+
+
+__all__ = ["cli_main", "build_parser", "resolve_config", "default_run_dir"]
