@@ -125,6 +125,8 @@ def load_model_weights(model: nn.Module, state_dict: Mapping[str, torch.Tensor],
     shapes).  With ``strict``, missing or unexpected keys are an error too, except missing
     keys under one of the ``allow_missing`` prefixes (those keep their initial values).
     """
+    if isinstance(model, (nn.parallel.DistributedDataParallel, nn.DataParallel)):
+        model = model.module  # keys are compared against the bare model's names
     state_dict = strip_wrapper_prefixes(unwrap_state_dict(state_dict))
     bad = [k for k, v in state_dict.items() if not isinstance(v, torch.Tensor)]
     if bad:
@@ -135,6 +137,8 @@ def load_model_weights(model: nn.Module, state_dict: Mapping[str, torch.Tensor],
     mismatched = [(k, own[k].shape, state_dict[k].shape) for k in state_dict
                   if k in own and tuple(own[k].shape) != tuple(state_dict[k].shape)]
     if mismatched:
+        # Codebook sizes are the usual culprit (n_embed / embed_dim): list them first.
+        mismatched.sort(key=lambda item: not item[0].startswith("quantize."))
         lines = [f"{k}: config {_fmt_shape(a)} vs checkpoint {_fmt_shape(b)} (fix {_shape_hint(k)})"
                  for k, a, b in mismatched[:SHOW_KEYS]]
         more = f"; ... and {len(mismatched) - SHOW_KEYS} more" if len(mismatched) > SHOW_KEYS else ""

@@ -418,3 +418,34 @@ def test_ldm_vq_f4_noattn_layout(upstream):
             ddconfig=dict(ddconfig, attn_type="none"), n_embed=n_embed, embed_dim=embed_dim))))
     assert any(".attn_1." in k for k in ref)
     assert ours == {k: v for k, v in ref.items() if ".attn_1." not in k and ".attn." not in k}
+
+
+def test_load_model_weights_details(tiny_ddconfig):
+    torch.manual_seed(0)
+    src = build_ours("VQ", tiny_ddconfig)
+    dst = build_ours("VQ", tiny_ddconfig)
+    # DDP and torch.compile prefixes, stacked, inside a Lightning-style wrapper
+    wrapped = {"state_dict": {"module._orig_mod." + k: v for k, v in src.state_dict().items()}}
+    assert load_model_weights(dst, wrapped) == ([], [])
+    assert all(torch.equal(dst.state_dict()[k], v) for k, v in src.state_dict().items())
+    # non-strict: what is missing / extra comes back instead of raising
+    partial = {k: v for k, v in src.state_dict().items() if not k.startswith("decoder.")}
+    partial["extra.weight"] = torch.zeros(1)
+    missing, unexpected = load_model_weights(dst, partial, strict=False)
+    assert unexpected == ["extra.weight"] and missing and all(k.startswith("decoder.") for k in missing)
+    # strict: listed (first few, then a count) with the fix
+    with pytest.raises(UserError, match=r"missing from the checkpoint: decoder\..*and \d+ more"):
+        load_model_weights(dst, partial, source="part.ckpt")
+    # not a state dict at all
+    with pytest.raises(UserError, match="not tensors"):
+        load_model_weights(dst, {"epoch": 3, **src.state_dict()})
+    # several shape mismatches are all reported, each with its config entry to fix
+    bigger = build_model(make_config(model_type="TamingVQGAN", model_variant="VQ", model_args=dict(
+        ddconfig=dict(tiny_ddconfig, z_channels=16), n_embed=64, embed_dim=16)))
+    with pytest.raises(UserError) as err:
+        load_model_weights(dst, bigger.state_dict(), source="big.ckpt")
+    msg = str(err.value)
+    assert "encoder.conv_out.weight: config (8, 64, 3, 3) vs checkpoint (16, 64, 3, 3) (fix ddconfig" in msg
+    assert msg.startswith("big.ckpt: 8 tensor shape(s) differ")
+    assert "quantize.embedding.weight: config (32, 8) vs checkpoint (64, 16) (fix n_embed / embed_dim)" in msg
+    assert "... and 3 more" in msg
