@@ -304,11 +304,25 @@ def test_ckpt_path_loads_lightning_checkpoint(variant, tmp_path, tiny_ddconfig):
 def test_ckpt_path_ignore_keys_keep_initial_values(tmp_path, tiny_ddconfig):
     torch.manual_seed(3)
     source = build_ours("VQ", tiny_ddconfig)
-    path = tmp_path / "model.ckpt"
-    torch.save({"state_dict": source.state_dict()}, path)
+    path = tmp_path / "model.pt"
+    torch.save(source.state_dict(), path)  # a plain state dict
     loaded = build_ours("VQ", tiny_ddconfig, ckpt_path=str(path), ignore_keys=["quantize"])
     assert not torch.equal(loaded.quantize.embedding.weight, source.quantize.embedding.weight)
     assert torch.equal(loaded.decoder.conv_out.weight, source.decoder.conv_out.weight)
+
+
+def test_ckpt_path_reads_lightning_pickles_that_weights_only_refuses(tmp_path, tiny_ddconfig):
+    """Real Lightning checkpoints carry OmegaConf hyper-parameters, which torch's
+    weights_only loader refuses; ckpt_path still loads them, without running their code."""
+    torch.manual_seed(3)
+    source = build_ours("EMAVQ", tiny_ddconfig)
+    path = tmp_path / "lightning.ckpt"
+    torch.save({"state_dict": source.state_dict(), "hyper_parameters": OmegaConf.create({"n_embed": N_EMBED})},
+               path)
+    with pytest.raises(Exception):
+        torch.load(path, weights_only=True)
+    loaded = build_ours("EMAVQ", tiny_ddconfig, ckpt_path=str(path))
+    assert torch.equal(loaded.quantize.embedding.embed_avg, source.quantize.embedding.embed_avg)
 
 
 def test_shape_mismatch_names_key_and_both_shapes(tmp_path, tiny_ddconfig):
