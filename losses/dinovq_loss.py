@@ -293,17 +293,19 @@ class DinoVQLossCalculator(LossCalculator):
         # nn.Module.__setattr__ would register an assigned module (e.g. the trainer's DDP
         # wrapper) as a second ``discriminator`` submodule; keep one, inside loss_fn.
         if name == "discriminator":
-            self.loss_fn.discriminator = value
+            if "loss_fn" in self._modules:
+                self.loss_fn.discriminator = value
+            # (before loss_fn exists: the base class's ``discriminator = None``, nothing to keep)
+            return
+        if name == "feature_source":
+            # The teacher must not become a submodule (no state_dict / parameters entries).
+            self.__dict__["_feature_source"] = [value]
             return
         super().__setattr__(name, value)
 
     @property
     def feature_source(self):
         return self._feature_source[0]
-
-    @feature_source.setter
-    def feature_source(self, source) -> None:
-        self._feature_source[0] = source
 
     def _apply(self, fn, *args, **kwargs):
         super()._apply(fn, *args, **kwargs)
