@@ -457,6 +457,13 @@ def _known_model_args(model_type: Optional[str]) -> List[str]:
     except RegistryError:
         name = None
     names = list(MODEL_ARG_NAMES.get(name, ()))
+    if name == "TamingVQGAN":
+        try:  # the adapter's own table is the authority
+            from adapters.taming_vqgan import ACCEPTED_ARGS
+
+            names += [a for args in ACCEPTED_ARGS.values() for a in args]
+        except ImportError:
+            pass
     if name == "DinoVQ":
         try:  # the model's own constructor is the authority when it is importable
             import inspect

@@ -355,6 +355,19 @@ def rule_taming_model_args(data: Dict[str, Any], variant: Optional[str], out: Li
     elif any(m <= 0 for m in ch_mult):
         out.append(Finding(ERROR, "model_args.ddconfig.ch_mult", "bad_value", "ch_mult entries must be positive",
                            "use positive channel multipliers"))
+    if ch_mult and _is_int(dd.get("ch")) and dd["ch"] > 0:
+        widths = sorted({dd["ch"] * m for m in [1, *ch_mult] if _is_int(m)})
+        odd = [w for w in widths if w % 32]
+        if odd:
+            out.append(Finding(ERROR, "model_args.ddconfig.ch", "groupnorm_width",
+                               f"channel widths {odd} (ch x ch_mult) are not multiples of 32, which taming's "
+                               "GroupNorm(32 groups) needs", "use ch: 32, 64, 128, ..."))
+    if variant == "Gumbel" and _is_int(args.get("embed_dim")) and _is_int(dd.get("z_channels")) \
+            and args["embed_dim"] != dd["z_channels"]:
+        out.append(Finding(ERROR, "model_args.embed_dim", "gumbel_embed_dim",
+                           f"Gumbel: embed_dim ({args['embed_dim']}) must equal ddconfig.z_channels "
+                           f"({dd['z_channels']}): upstream GumbelQuantize is built for z_channels inputs",
+                           f"set embed_dim: {dd['z_channels']}", [("model_args.embed_dim", dd["z_channels"])]))
     if dd.get("double_z") is True and variant != "KL":
         out.append(Finding(ERROR, "model_args.ddconfig.double_z", "double_z_on_vq",
                            "double_z: true doubles the encoder's output channels (for KL autoencoders); a VQ "
