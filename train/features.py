@@ -190,7 +190,7 @@ def cli_main(argv: Sequence[str]) -> int:
     parser.add_argument("--device", default=None, help="cpu, cuda, cuda:1 ... (default: cuda if present)")
     parser.add_argument("--store-dtype", choices=sorted(STORE_DTYPES), default="fp16",
                         help="precision of the stored features (default fp16)")
-    args = parser.parse_args(list(argv))
+    args = parser.parse_intermixed_args(list(argv))
 
     from adapters.registry import get_model_type
     from train.config import load_config
