@@ -318,6 +318,10 @@ def build_vqvae2(cfg) -> VQVAE2:
         raise UserError(f"model_type 'vqvae2' has no variants, got model_variant "
                         f"{cfg.model_variant!r}. Remove model_variant (for taming's EMAVQ use "
                         "model_type 'TamingVQGAN').")
+    size = getattr(getattr(cfg, "data", None), "image_size", None)
+    if isinstance(size, int) and size % 8:
+        raise UserError(f"vqvae2 needs data.image_size divisible by 8 (top codes sit at 1/8 of the "
+                        f"image), got {size}; use e.g. {max(8, size // 8 * 8)}")
     args = as_dict(cfg.model_args)
     ckpt_path = args.pop("ckpt_path", None)
     model = VQVAE2(**_check_args(args))

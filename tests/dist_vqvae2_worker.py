@@ -1,11 +1,16 @@
-"""Worker for the 2-process vqvae2 EMA test (tests/test_vqvae2.py starts it with torchrun).
+"""Worker for the 2-process vqvae2 tests (tests/test_vqvae2.py starts it with torchrun).
 
-    python -m torch.distributed.run --nproc_per_node=2 tests/dist_vqvae2_worker.py OUT_DIR
+    python -m torch.distributed.run --standalone --nproc_per_node=2 tests/dist_vqvae2_worker.py OUT_DIR
+    python -m torch.distributed.run --standalone --nproc_per_node=2 tests/dist_vqvae2_worker.py \
+        fit OUT_DIR CONFIG [fit arguments ...]
 
-Every rank builds the same tiny model (same seed), runs a few training-mode forwards on
+Codebook mode: every rank builds the same tiny model (same seed), runs a few training-mode forwards on
 its *own* images, and writes its codebook buffers plus what its local-only statistics
 would have been to OUT_DIR/rank{r}.pt.  Rank 0 also writes the single-process result of
 the same steps on the concatenation of both ranks' images (reference.pt).
+
+Fit mode: every rank runs the real ``python -m train fit`` code path (``train.fit.run``)
+and saves its model and discriminator tensors to OUT_DIR/fit_rank{r}.pt.
 """
 import os
 import sys
@@ -78,5 +83,21 @@ def main() -> None:
         torch.save({"buffers": buffers(ref)}, os.path.join(out_dir, "reference.pt"))
 
 
+def fit_main() -> int:
+    from train.fit import run
+
+    out_dir, argv = sys.argv[2], sys.argv[3:]
+    code, trainer = run(argv)
+    tensors = {f"model.{k}": v.detach().cpu().clone() for k, v in trainer.model.state_dict().items()}
+    if trainer.discriminator is not None:
+        tensors.update({f"discriminator.{k}": v.detach().cpu().clone()
+                        for k, v in trainer.discriminator.state_dict().items()})
+    torch.save({"tensors": tensors, "step": trainer.step, "world": trainer.world, "code": code},
+               os.path.join(out_dir, f"fit_rank{int(os.environ.get('RANK', '0'))}.pt"))
+    return code
+
+
 if __name__ == "__main__":
+    if sys.argv[1] == "fit":
+        sys.exit(fit_main())
     main()

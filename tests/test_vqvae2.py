@@ -171,6 +171,16 @@ def test_forward_encode_decode_shapes_tiny():
     assert model.codebook_sizes == (32, 32)
 
 
+def test_bf16_autocast_keeps_float32_codebooks():
+    torch.manual_seed(0)
+    model = VQVAE2(**TINY).train()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        xrec, latent, (id_t, id_b) = model(images(), return_indices=True)
+    assert torch.isfinite(xrec.float()).all() and latent.dtype == torch.float32
+    assert all(b.dtype == torch.float32 for b in model.buffers())
+    assert torch.isfinite(model.quantize_b.embed).all()
+
+
 def test_bad_model_args_are_user_errors():
     cases = [
         ({"channel": "wide"}, "channel must be an integer"),
@@ -181,6 +191,8 @@ def test_bad_model_args_are_user_errors():
     for args, message in cases:
         with pytest.raises(UserError, match=message):
             build_model(make_config(model_type="vqvae2", model_args=args))
+    with pytest.raises(UserError, match="divisible by 8.*use e.g. 96"):
+        build_model(make_config(model_type="vqvae2", model_args=dict(TINY), data={"image_size": 100}))
     with pytest.raises(UserError, match="TamingVQGAN"):
         build_model(make_config(model_type="vqvae2", model_variant="EMAVQ", model_args=dict(TINY)))
     with pytest.warns(UserWarning, match="ignores model_args legacy_flag"):
@@ -469,20 +481,26 @@ def test_shipped_configs_build():
 # Two real processes: ranks with different data keep identical codebooks
 
 
-def test_torchrun_ranks_keep_identical_codebooks(tmp_path):
+def torchrun_worker(*args, timeout=180):
+    """Run tests/dist_vqvae2_worker.py in 2 gloo processes; returns the combined output."""
     env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=ROOT)
     # --standalone: torchrun picks a free port itself (parallel test runs do not collide).
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
-           os.path.join(ROOT, "tests", "dist_vqvae2_worker.py"), str(tmp_path)]
+           os.path.join(ROOT, "tests", "dist_vqvae2_worker.py"), *map(str, args)]
     proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                             text=True, start_new_session=True)
     try:
-        output, _ = proc.communicate(timeout=120)
+        output, _ = proc.communicate(timeout=timeout)
     except subprocess.TimeoutExpired:
         os.killpg(proc.pid, signal.SIGKILL)   # the launcher and its two workers
         output, _ = proc.communicate()
         pytest.fail("torchrun vqvae2 worker timed out:\n" + output[-3000:])
     assert proc.returncode == 0, output[-3000:]
+    return output
+
+
+def test_torchrun_ranks_keep_identical_codebooks(tmp_path):
+    torchrun_worker(tmp_path)
     r0 = torch.load(tmp_path / "rank0.pt")
     r1 = torch.load(tmp_path / "rank1.pt")
     ref = torch.load(tmp_path / "reference.pt")
@@ -544,3 +562,17 @@ def test_fit_resume_continues_exactly(tmp_path):
     assert set(a) == set(b)
     for key in a:
         assert torch.equal(a[key], b[key]), key
+
+
+def test_torchrun_fit_keeps_ranks_identical(tmp_path):
+    # The real trainer under DDP: different images per rank, GAN on from step 1.
+    run = tmp_path / "run"
+    torchrun_worker("fit", tmp_path, os.path.join(ROOT, "configs", "vqvae2_tiny.json"), "--data", "builtin",
+                    "--out", run, "--max-steps", "3", "--no-bar", "train.batch_size=2")
+    r0, r1 = torch.load(tmp_path / "fit_rank0.pt"), torch.load(tmp_path / "fit_rank1.pt")
+    assert r0["world"] == r1["world"] == 2 and r0["step"] == r1["step"] == 3 and r0["code"] == 0
+    assert any(k.startswith("discriminator.") for k in r0["tensors"])
+    assert [k for k, v in r0["tensors"].items() if not torch.equal(v, r1["tensors"][k])] == []
+    cluster = r0["tensors"]["model.quantize_b.cluster_size"]
+    assert not torch.allclose(cluster, torch.ones_like(cluster))   # the EMA really ran
+    assert (run / "checkpoints" / "last.ckpt").is_file()
