@@ -36,8 +36,8 @@ Build it from a config (``model_type: vqvae2``)::
 from __future__ import annotations
 
 import difflib
+import logging
 import os
-import warnings
 from typing import Any, Dict, Iterator, Mapping, Tuple, Union
 
 import torch
@@ -46,6 +46,8 @@ from torch import nn
 
 from adapters.distributed import all_reduce_sum_
 from train.errors import UserError
+
+log = logging.getLogger(__name__)
 
 # rosinality's VQVAE constructor defaults (256 px ImageNet/FFHQ recipe).
 DEFAULTS: Dict[str, Any] = {
@@ -285,11 +287,11 @@ def _check_args(args: Mapping[str, Any]) -> Dict[str, Any]:
         near = difflib.get_close_matches(key, list(DEFAULTS), n=1, cutoff=0.8)
         if near:
             raise UserError(f"vqvae2: unknown model_args key {key!r}; did you mean {near[0]!r}? "
-                            f"vqvae2 takes {', '.join(DEFAULTS)}")
+                            f"vqvae2 takes {', '.join(DEFAULTS)}, ckpt_path")
         ignored.append(key)
     if ignored:
-        warnings.warn(f"vqvae2 ignores model_args {', '.join(sorted(ignored))} "
-                      f"(it takes {', '.join(DEFAULTS)})", UserWarning, stacklevel=3)
+        log.warning(f"vqvae2 ignores model_args {', '.join(sorted(ignored))} "
+                    f"(it takes {', '.join(DEFAULTS)}, ckpt_path)")
     for key in ("in_channel", "channel", "n_res_block", "n_res_channel", "embed_dim", "n_embed"):
         value = out[key]
         if isinstance(value, bool) or not isinstance(value, int):

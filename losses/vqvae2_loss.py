@@ -26,7 +26,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
-import warnings
+import logging
 from dataclasses import dataclass
 from typing import Any, Dict, Mapping, Optional
 
@@ -37,6 +37,8 @@ from torch import nn
 from losses import gan
 from losses.calculator import GeneratorOutput, LossCalculator
 from train.errors import UserError
+
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -136,10 +138,9 @@ class VQVAE2LossCalculator(LossCalculator):
             self.disc_factor = 0.0
             self.discriminator = None
             self.d_loss_fn = None
-            warnings.warn("use_gan is false: disc_factor is set to 0, no discriminator is built "
-                          "or trained; the vqvae2 loss is reconstruction + latent"
-                          + (" + perceptual" if params.perceptual_weight > 0 else ""),
-                          UserWarning, stacklevel=2)
+            log.warning("use_gan is false: disc_factor is set to 0, no discriminator is built "
+                        "or trained; the vqvae2 loss is reconstruction + latent"
+                        + (" + perceptual" if params.perceptual_weight > 0 else ""))
         if perceptual_loss is not None and params.perceptual_weight > 0:
             self.perceptual_loss = perceptual_loss.eval()
             for p in self.perceptual_loss.parameters():
