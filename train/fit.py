@@ -124,6 +124,12 @@ def _shared_value(value):
 
 
 def cli_main(argv: List[str]) -> int:
+    return run(argv)[0]
+
+
+def run(argv: List[str]):
+    """``cli_main`` that also returns the :class:`~train.trainer.Trainer` (None when it was not
+    built): ``(exit code, trainer)``.  Tests and the demo inspect the trained model this way."""
     args = build_parser().parse_intermixed_args(argv)
     config_path, overrides = split_items(args.items)
     if args.max_steps is not None:
@@ -160,11 +166,11 @@ def cli_main(argv: List[str]) -> int:
         except TrainingStopped as exc:
             if rank() == 0:
                 print(f"error: {exc}", file=sys.stderr)
-            return exc.exit_code
+            return exc.exit_code, trainer
         if rank() == 0:
             print(f"done: step {result.steps} in {result.seconds:.0f}s; run folder {result.run_dir}"
                   + (f"; last grid {result.last_grid}" if result.last_grid else ""))
-        return 0
+        return 0, trainer
     finally:
         if started_dist:
             import torch.distributed as dist
@@ -172,4 +178,4 @@ def cli_main(argv: List[str]) -> int:
             dist.destroy_process_group()
 
 
-__all__ = ["cli_main", "build_parser", "resolve_config", "default_run_dir"]
+__all__ = ["cli_main", "run", "build_parser", "resolve_config", "default_run_dir"]

@@ -22,8 +22,8 @@ this file never asks which model it trains.  Extension point: ``batch_augmenter(
 step) -> batch`` runs on every micro-batch on the device before the generator step (e.g. to
 add ``batch["dino_features"]`` computed elsewhere).
 
-Non-finite losses or gradients skip the whole step (no weight changes; the EMA statistics
-of that forward are already applied, as in any EMA-VQ trainer) and are counted;
+Non-finite losses or gradients skip the whole step (no weight changes; buffers the forward
+changed, such as EMA codebooks, are put back) and are counted;
 ``max_bad_steps`` in a row stop the run with a message.  SIGTERM / SIGINT finish the step,
 save ``last`` and return normally.  Under torchrun every decision that changes control
 flow (bad step, stop request) is agreed on by all ranks first, so no rank waits forever.
@@ -147,7 +147,7 @@ def codebook_stats(counts: torch.Tensor) -> Dict[str, float]:
 
 def state_digest(tensors: Dict[str, torch.Tensor]) -> Dict[str, str]:
     """sha256 of every tensor's bytes (to compare ranks)."""
-    return {k: hashlib.sha256(v.detach().cpu().contiguous().view(torch.uint8).numpy().tobytes()).hexdigest()
+    return {k: hashlib.sha256(v.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes()).hexdigest()
             for k, v in tensors.items()}
 
 
@@ -234,6 +234,8 @@ class Trainer:
                 p.requires_grad_(False)
         self.discriminator = self.calc.discriminator if self.calc.use_gan else None
         self.disc_params = list(self.discriminator.parameters()) if self.discriminator is not None else []
+        self.float_buffers = [b for m in (self.model, self.calc.discriminator) if m is not None
+                              for b in m.buffers() if b.is_floating_point()]
 
         self.lr, self.lr_note = learning_rate(cfg, self.world)
         betas = tuple(float(b) for b in t.adam_betas)
@@ -301,6 +303,9 @@ class Trainer:
                 if hasattr(self.model, "update_temperature"):
                     self.model.update_temperature(step)     # GumbelVQ's temperature schedule
                 update_disc = self.opt_d is not None and self.calc.should_update_discriminator(step)
+                # Buffers change in the forward (EMA codebooks, BatchNorm statistics): keep a copy
+                # so a skipped step leaves them as they were too (they are small).
+                saved_buffers = [b.detach().clone() for b in self.float_buffers]
                 self.opt_g.zero_grad(set_to_none=True)
                 if self.opt_d is not None:
                     self.opt_d.zero_grad(set_to_none=True)
@@ -356,6 +361,9 @@ class Trainer:
                                                          if n is not None):
                         bad = True
                 if bad:
+                    with torch.no_grad():
+                        for b, saved in zip(self.float_buffers, saved_buffers):
+                            b.copy_(saved)
                     self.opt_g.zero_grad(set_to_none=True)
                     if self.opt_d is not None:
                         self.opt_d.zero_grad(set_to_none=True)
