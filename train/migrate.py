@@ -330,7 +330,10 @@ def _convert_codebook(model: nn.Module, gen: Dict[str, torch.Tensor], report: Re
     wants_ema = all(k in own for k in EMA_STATS)
     has_ema = [k for k in EMA_STATS if k in gen]
     weight = gen.get("quantize.embedding.weight")
-    if wants_ema and not has_ema and weight is not None:
+    # With a codebook of another size the strict load reports the mismatch; initialising
+    # statistics of that wrong size would only add confusing lines to the message.
+    if wants_ema and not has_ema and weight is not None and \
+            tuple(weight.shape) == tuple(own["quantize.embedding.weight"].shape):
         gen["quantize.embedding.cluster_size"] = torch.ones(weight.shape[0], dtype=weight.dtype)
         gen["quantize.embedding.embed_avg"] = weight.clone()
         report.weights["initialised"] += [
@@ -624,7 +627,7 @@ def migrate(config_path: str, ckpt_path: Optional[str], out_dir: str, force: boo
             report.weights["renamed"] = [[a, b] for a, b in zip(sd, renamed_sd) if a != b]
             gen, disc_sd = _split_checkpoint(renamed_sd, report, ignore_keys)
             _convert_codebook(model, gen, report)
-            source = os.path.basename(ckpt_path)
+            source = str(ckpt_path)
             _load_strictly(model, gen, source, allow_missing=ignore_keys)
             model_sd = model.state_dict()
             for key in model_sd:
