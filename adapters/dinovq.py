@@ -279,7 +279,8 @@ class DinoVQModel(nn.Module):
                                "trainer's path); use losses.dinovq_loss.DinoVQLossCalculator")
         if update_type == "generator":
             out = self(imgs, return_dict=True)
-            self._last_generator = (imgs, imgs._version, out["reconstructions"].detach())
+            if self.use_gan:  # only a discriminator update ever reads it back
+                self._last_generator = (imgs, imgs._version, out["reconstructions"].detach())
             return self.loss_fn.generator_loss(imgs, out["reconstructions"], out["dino_pred"],
                                                out["vq_loss"], dino_features_gt, global_step,
                                                last_layer=self.get_last_layer())
