@@ -187,7 +187,9 @@ class VQVAE2LossCalculator(LossCalculator):
         return gan.disc_factor_at(self.disc_factor, global_step, self.disc_start, self.use_gan)
 
     def should_update_discriminator(self, global_step: int) -> bool:
-        return (self.use_gan and self.discriminator is not None and global_step >= self.disc_start
+        # A zero GAN factor (use_gan false, before disc_start, disc_factor 0) makes the
+        # discriminator loss 0: its update would change nothing, so it is not scheduled.
+        return (self.discriminator is not None and self.disc_factor_at(global_step) > 0
                 and global_step % self.disc_update_every == 0)
 
     # ---- steps -----------------------------------------------------------------------

@@ -441,6 +441,8 @@ def test_disc_update_cadence():
                                disc_update_every=3))
     assert [s for s in range(12) if calc.should_update_discriminator(s)] == [6, 9]
     assert calc.disc_factor_at(3) == 0.0 and calc.disc_factor_at(4) == 1.0
+    off = build_calc(tiny_cfg(use_gan=True, loss_params=dict(SMALL_DISC, disc_factor=0.0)))
+    assert not any(off.should_update_discriminator(s) for s in range(5))
 
 
 def test_bad_loss_config_is_user_error():
