@@ -242,3 +242,22 @@ def test_strip_prefixes_refuses_two_models_in_one_file():
     sd = {"model.encoder.w": torch.ones(1), "ema.encoder.w": torch.ones(1)}
     with pytest.raises(UserError, match="more than one model"):
         strip_prefixes(sd, ("encoder",))
+
+
+def test_deeply_nested_and_cyclic_containers(tmp_path):
+    from train.safe_load import find_placeholders, placeholder_class
+
+    # Deeper than the recursion limit (a crafted pickle can nest that deep): the walk is iterative.
+    deep = placeholder_class("omegaconf.dictconfig", "DictConfig")()
+    for _ in range(5000):
+        deep = [deep]
+    found = find_placeholders({"deep": deep})
+    assert [p.qualname for p in found] == ["omegaconf.dictconfig.DictConfig"]
+    assert found[0].path.startswith("deep[0][0]")
+
+    cyclic = {"name": "loop", "cfg": OmegaConf.create({"a": 1})}
+    cyclic["self"] = cyclic
+    torch.save({"state_dict": {"w": torch.ones(1)}, "cyclic": cyclic}, tmp_path / "cyclic.ckpt")
+    loaded = load_checkpoint(tmp_path / "cyclic.ckpt")
+    assert loaded.data["cyclic"]["self"] is loaded.data["cyclic"]
+    assert [p.path for p in loaded.dropped] == ["cyclic['cfg']"]

@@ -427,31 +427,45 @@ def load_checkpoint(path: str) -> LoadedCheckpoint:
 # Inspecting what was loaded.
 
 
-def _walk(obj: Any, path: str, seen: set) -> Iterable[Tuple[str, Any]]:
-    yield path, obj
-    if id(obj) in seen or isinstance(obj, (torch.Tensor, str, bytes, int, float)):
-        return
-    if isinstance(obj, (dict, list, tuple, set, frozenset, Placeholder)):
+def _walk(root: Any) -> Iterable[Tuple[str, Any]]:
+    """(path, value) for ``root`` and everything in its dicts, lists and tuples.
+
+    Iterative (a crafted file can nest containers deeper than Python's recursion limit);
+    each container is visited once, so shared or cyclic references terminate.
+    """
+    stack: List[Tuple[str, Any]] = [("", root)]
+    seen = set()
+    while stack:
+        path, obj = stack.pop()
+        yield path, obj
+        if not isinstance(obj, (dict, list, tuple)) or id(obj) in seen:
+            continue
         seen.add(id(obj))
-    if isinstance(obj, dict):
-        for i, (key, value) in enumerate(obj.items()):
-            if is_placeholder(key):
-                yield (f"{path}[<key {i}>]" if path else f"<key {i}>"), key
-            label = repr(key) if isinstance(key, (str, int)) else f"<key {i}>"
-            yield from _walk(value, f"{path}[{label}]" if path else str(key) if isinstance(
-                key, (str, int)) else label, seen)
-    elif isinstance(obj, (list, tuple)):
-        for i, value in enumerate(obj):
-            yield from _walk(value, f"{path}[{i}]", seen)
+        children = []
+        if isinstance(obj, dict):
+            for i, (key, value) in enumerate(obj.items()):
+                if is_placeholder(key):
+                    children.append((f"{path}[<key {i}>]" if path else f"<key {i}>", key))
+                if isinstance(key, (str, int)):
+                    label = f"{path}[{key!r}]" if path else str(key)
+                else:
+                    label = f"{path}[<key {i}>]" if path else f"<key {i}>"
+                children.append((label, value))
+        else:
+            children = [(f"{path}[{i}]", value) for i, value in enumerate(obj)]
+        stack.extend(reversed(children))
 
 
-def find_placeholders(obj: Any) -> List[DroppedPart]:
-    """Every placeholder (instance or class) in ``obj``, outermost first; not inside them."""
+def find_placeholders(obj: Any, limit: int = 1000) -> List[DroppedPart]:
+    """Every placeholder (instance or class) in ``obj``, in file order, not inside them
+    (at most ``limit``: a report, not an inventory)."""
     found = []
-    for where, value in _walk(obj, "", set()):
+    for where, value in _walk(obj):
         if is_placeholder(value):
             cls = value if isinstance(value, type) else type(value)
             found.append(DroppedPart(where or "<root>", cls.qualname()))
+            if len(found) >= limit:
+                break
     return found
 
 
