@@ -266,6 +266,16 @@ class DinoVQLossCalculator(LossCalculator):
         """From an ``ExperimentConfig``.  ``feature_source="auto"`` uses the feature cache
         when ``data.feature_cache`` is set and the teacher of ``cfg.teacher`` otherwise;
         ``None`` means the trainer always supplies ``batch["dino_features"]``."""
+        from adapters.dino_teacher import student_geometry
+
+        (h, w), _ = student_geometry(cfg)
+        size = int(cfg.data.image_size)
+        if (h, w) != (size, size):
+            raise UserError(f"data.image_size is {size} but model_args.img_size is {[h, w]}: DinoVQ trains on "
+                            f"square crops of its own input size; set data.image_size: {h} and "
+                            f"model_args.img_size: [{h}, {h}]" if h == w else
+                            f"model_args.img_size {[h, w]} is not square: training crops are square; "
+                            f"set model_args.img_size: [{h}, {h}] and data.image_size: {h}")
         calc = cls(DinoVQLoss(**loss_kwargs_from_config(cfg)),
                    disc_update_every=getattr(cfg.train, "disc_update_every", 1))
         if feature_source == "auto":

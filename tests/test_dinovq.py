@@ -291,7 +291,7 @@ def tiny_cfg(**over):
     args = {**TINY, "dino_dim": 192, **GAN, **over}
     return make_config(model_type="DinoVQ", model_args=args,
                        teacher={"arch": "vit_tiny_patch16_224", "allow_random": True},
-                       train={"disc_update_every": 1})
+                       train={"disc_update_every": 1}, data={"image_size": 32})
 
 
 @pytest.fixture(scope="module")
@@ -360,9 +360,15 @@ def test_calculator_without_gan_and_with_given_features():
 
 def test_calculator_needs_a_teacher_file_unless_random_is_allowed():
     cfg = make_config(model_type="DinoVQ", model_args={**TINY, "dino_dim": 192},
-                      teacher={"arch": "vit_tiny_patch16_224"})
+                      teacher={"arch": "vit_tiny_patch16_224"}, data={"image_size": 32})
     with pytest.raises(UserError, match="teacher.ckpt_path"):
         DinoVQLossCalculator.build(cfg)
+
+
+def test_calculator_needs_crops_of_the_model_size():
+    cfg = make_config(model_type="DinoVQ", model_args={**TINY, "dino_dim": 192}, data={"image_size": 64})
+    with pytest.raises(UserError, match="data.image_size: 32"):
+        DinoVQLossCalculator.build(cfg, feature_source=None)
 
 
 # ---- python -m train fit ---------------------------------------------------------------------
