@@ -96,6 +96,10 @@ RULES = [
     ("gumbel_embed_dim", lambda d: (_set(d, ["model_args", "model_variant"], "Gumbel"),
                                     _set(d, ["model_args", "embed_dim"], 8)), ERROR, "gumbel_embed_dim",
      "model_args.embed_dim", ["z_channels"]),
+    ("model_arg_typo", lambda d: d["model_args"].update(n_embd=3), ERROR, "unknown_model_arg",
+     "model_args.n_embd", ["n_embed"]),
+    ("model_arg_other_variant", lambda d: d["model_args"].update(kl_weight=1e-8), ERROR, "unknown_model_arg",
+     "model_args.kl_weight", ["EMAVQ"]),
     ("ignored_key", lambda d: _set(d, ["train_args", "wandb_project"], "x"), WARNING, "ignored_key",
      "extras.train_args.wandb_project", ["ignored"]),
     ("unknown_model_type", lambda d: _set(d, ["model_type"], "TamingVQGNA"), ERROR, "unknown_model_type",
@@ -234,3 +238,19 @@ def test_every_shipped_config_validates():
             assert [f.code for f in errors] == ["variant_mismatch"]
         else:
             assert errors == [], (path, errors)
+
+
+@pytest.mark.parametrize("args,code,level", [
+    ({"chanel": 64}, "unknown_model_arg", ERROR),
+    ({"n_res_block": 0}, None, None),
+    ({"n_res_channel": 0}, "bad_value", ERROR),
+    ({"something_else": 1}, "ignored_model_arg", WARNING),
+])
+def test_vqvae2_model_args(tmp_path, args, code, level):
+    doc = {"model_type": "vqvae2", "model_args": dict(args), "train_args": {"use_gan": False}}
+    _, findings = validate_file(write(tmp_path, doc))
+    relevant = [f for f in findings if f.path.startswith("model_args")]
+    if code is None:
+        assert relevant == []
+    else:
+        assert relevant and relevant[0].code == code and relevant[0].level == level

@@ -406,14 +406,11 @@ def rule_vqvae2_model_args(data: Dict[str, Any], out: List[Finding]) -> None:
             value = args[key]
             if not _is_int(value):
                 _type_finding(out, f"model_args.{key}", value, 1, "an integer")
-            elif value <= 0:
-                out.append(Finding(ERROR, f"model_args.{key}", "bad_value", f"model_args.{key} must be positive",
-                                   f"set {key} to a positive integer"))
-    for key in ("ddconfig",):
-        if key in args:
-            out.append(Finding(WARNING, f"model_args.{key}", "ignored_model_arg",
-                               f"vqvae2 does not use model_args.{key} (that is a TamingVQGAN setting)",
-                               "remove it, or set model_type: TamingVQGAN if a VQGAN was meant"))
+            elif value < (0 if key == "n_res_block" else 1):
+                out.append(Finding(ERROR, f"model_args.{key}", "bad_value",
+                                   f"model_args.{key} is {value}; it must be "
+                                   f"{'0 or more' if key == 'n_res_block' else 'positive'}",
+                                   f"set {key} to a {'non-negative' if key == 'n_res_block' else 'positive'} integer"))
 
 
 def rule_dinovq_model_args(data: Dict[str, Any], out: List[Finding]) -> None:
@@ -435,6 +432,54 @@ def rule_dinovq_model_args(data: Dict[str, Any], out: List[Finding]) -> None:
                                "use a multiple of patch_size"))
 
 
+def _accepted_model_args(spec_name: str, variant: Optional[str]) -> Optional[Tuple[List[str], bool]]:
+    """(names the builder accepts, whether it refuses others) -- from the adapter itself."""
+    try:
+        if spec_name == "TamingVQGAN":
+            from adapters.taming_vqgan import ACCEPTED_ARGS
+
+            return list(ACCEPTED_ARGS.get(variant or "VQ", ())) + ["model_variant"], True
+        if spec_name == "vqvae2":
+            from adapters.vqvae2 import DEFAULTS
+
+            return list(DEFAULTS) + ["ckpt_path"], False
+        if spec_name == "DinoVQ":
+            from adapters.dinovq import DinoVQModel
+            from losses.dinovq_loss import LOSS_ARG_NAMES
+
+            names = set(inspect.signature(DinoVQModel).parameters) | set(LOSS_ARG_NAMES)
+            return sorted(names - {"build_loss"}), True
+    except ImportError:
+        return None
+    return None
+
+
+def rule_model_arg_names(data: Dict[str, Any], spec, variant: Optional[str], out: List[Finding]) -> None:
+    args = data.get("model_args") or {}
+    accepted = _accepted_model_args(spec.name, variant) if spec is not None else None
+    if accepted is None or not isinstance(args, dict):
+        return
+    names, strict = accepted
+    for key in args:
+        if key in names:
+            continue
+        path = f"model_args.{key}"
+        near = _near(key, names)
+        if near and near not in args:
+            out.append(Finding(ERROR, path, "unknown_model_arg",
+                               f"{spec.name} has no model argument {key!r} (nearest valid: {near!r})",
+                               f"rename it to {near}", [(path, DELETE), (f"model_args.{near}", args[key])]))
+        elif strict:
+            out.append(Finding(ERROR, path, "unknown_model_arg",
+                               f"{spec.name}{' ' + variant if variant else ''} takes no model argument {key!r}",
+                               f"remove it; valid names: {', '.join(n for n in names if n != 'model_variant')}",
+                               [(path, DELETE)]))
+        else:
+            out.append(Finding(WARNING, path, "ignored_model_arg",
+                               f"{spec.name} does not use model_args.{key}; it is ignored",
+                               "remove it, or check that model_type is the one you meant"))
+
+
 def collect(norm: Normalized) -> List[Finding]:
     """Run every rule on a normalized config and return all findings."""
     data = norm.data
@@ -445,6 +490,8 @@ def collect(norm: Normalized) -> List[Finding]:
     spec = _effective_spec(data, spec, out)
     family = rule_loss_target(data, spec, out)
     rule_loss_params(data, family, out)
+    if not any(f.code in ("variant_mismatch", "loss_family_mismatch") for f in out):
+        rule_model_arg_names(data, spec, variant if spec is not None and spec.variants else None, out)
     if spec is not None and spec.name == "TamingVQGAN":
         rule_taming_model_args(data, variant if spec.variants else None, out)
     elif spec is not None and spec.name == "vqvae2":
