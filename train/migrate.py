@@ -164,6 +164,8 @@ def render_markdown(report: Report) -> str:
         for name, info in ts.get("optimizers", {}).items():
             state = "carried" if info.get("carried") else "not carried"
             lines.append(f"- {name} optimizer: {state}. {info.get('detail', '')}".rstrip())
+        if ts.get("hyperparameters_note"):
+            lines.append(f"- {ts['hyperparameters_note']}")
         lines.append("")
     lines += ["## Not carried", ""]
     if r.not_carried:
@@ -607,6 +609,10 @@ def migrate(config_path: str, ckpt_path: Optional[str], out_dir: str, force: boo
         if ckpt_path is not None:
             report.checkpoint_path = os.path.abspath(ckpt_path)
             loaded = load_checkpoint(ckpt_path)
+            if isinstance(loaded.data, dict) and loaded.data.get("format") == "vqtok-train-state":
+                raise UserError(f"{ckpt_path} is already a checkpoint of this tool (python -m train fit); it needs "
+                                "no migration: continue it with python -m train fit --resume "
+                                f"{ckpt_path}, or export it with python -m train migrate --export")
             sd, notes = extract_state_dict(loaded.data)
             report.checkpoint = {"load_method": loaded.method, "dropped_objects": loaded.dropped_summary(),
                                  "notes": notes}
