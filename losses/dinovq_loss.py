@@ -48,10 +48,6 @@ from train.errors import UserError
 
 log = logging.getLogger(__name__)
 
-# The seed's generator keys, in the order they are reported.
-BASE_TERMS = ("dino_loss", "recon_loss", "vq_loss")
-DISC_KEYS = ("disc_loss", "disc_weight", "logits_real", "logits_fake")
-
 
 class FeatureShapeError(UserError, ValueError):
     """Teacher features whose shape does not match the student's token grid.
@@ -267,6 +263,7 @@ class DinoVQLossCalculator(LossCalculator):
         when ``data.feature_cache`` is set and the teacher of ``cfg.teacher`` otherwise;
         ``None`` means the trainer always supplies ``batch["dino_features"]``."""
         from adapters.dino_teacher import student_geometry
+        from train.schema import as_dict
 
         (h, w), _ = student_geometry(cfg)
         size = int(cfg.data.image_size)
@@ -276,7 +273,12 @@ class DinoVQLossCalculator(LossCalculator):
                             f"model_args.img_size: [{h}, {h}]" if h == w else
                             f"model_args.img_size {[h, w]} is not square: training crops are square; "
                             f"set model_args.img_size: [{h}, {h}] and data.image_size: {h}")
-        calc = cls(DinoVQLoss(**loss_kwargs_from_config(cfg)),
+        kwargs = loss_kwargs_from_config(cfg)
+        if as_dict(cfg.model_args).get("use_gan") and not kwargs["use_gan"]:
+            # The one message a loss family may emit: the GAN the model args ask for is off.
+            log.warning("train.use_gan is false: DinoVQ trains without its GAN although model_args.use_gan "
+                        "is true (no discriminator, no discriminator optimizer, disc_factor 0)")
+        calc = cls(DinoVQLoss(**kwargs),
                    disc_update_every=getattr(cfg.train, "disc_update_every", 1))
         if feature_source == "auto":
             if getattr(cfg.data, "feature_cache", None):

@@ -365,6 +365,17 @@ def test_calculator_needs_a_teacher_file_unless_random_is_allowed():
         DinoVQLossCalculator.build(cfg)
 
 
+def test_train_use_gan_false_switches_the_gan_off_with_one_warning(caplog):
+    import logging
+
+    cfg = make_config(model_type="DinoVQ", model_args={**TINY, **GAN}, train={"use_gan": False},
+                      data={"image_size": 32})
+    with caplog.at_level(logging.WARNING):
+        c = DinoVQLossCalculator.build(cfg, feature_source=None)
+    assert c.discriminator is None and not c.use_gan and c.disc_factor_at(10 ** 6) == 0.0
+    assert caplog.text.count("train.use_gan is false") == 1
+
+
 def test_calculator_needs_crops_of_the_model_size():
     cfg = make_config(model_type="DinoVQ", model_args={**TINY, "dino_dim": 192}, data={"image_size": 64})
     with pytest.raises(UserError, match="data.image_size: 32"):
