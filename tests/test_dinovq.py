@@ -439,3 +439,13 @@ def test_torchrun_two_ranks_keep_one_codebook(tmp_path):
 
     weights = load_file(str(run_dir / "checkpoints" / "last.safetensors"))
     assert float(weights["quantize.cluster_size"].sum()) > 0   # the codebook did move
+
+
+def test_defaults_are_the_seeds_vit_b_scale():
+    with torch.device("meta"):   # shapes only, no memory
+        model = DinoVQModel(build_loss=False)
+    encoder = sum(p.numel() for p in model.encoder.parameters())
+    assert model.img_size == (224, 224) and model.grid_size == (14, 14) and model.dino_dim == 768
+    assert len(model.encoder.blocks) == 12 and model.encoder.pos_embed.shape == (1, 196, 768)
+    assert 85e6 < encoder < 86e6          # ViT-B/16's 12 blocks of width 768
+    assert model.quantize.embedding.shape == (8192, 32)
