@@ -265,8 +265,7 @@ def _allowlist() -> Dict[Tuple[str, str], Any]:
         ("torch._tensor", "_rebuild_from_type_v2"): _rebuild_from_type_v2,
         ("torch", "Size"): torch.Size,
         ("torch", "device"): torch.device,
-        ("torch", "Tensor"): torch.Tensor,
-        ("torch.nn.parameter", "Parameter"): torch.nn.Parameter,
+        # Not torch.Tensor / Parameter themselves: torch.Tensor(10**12) would allocate that much.
         ("torch.serialization", "_get_layout"): torch.serialization._get_layout,
         # Protocol-2 pickles write bytes as _codecs.encode(str, "latin1").
         ("_codecs", "encode"): _codecs_encode,
