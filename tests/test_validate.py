@@ -254,3 +254,15 @@ def test_vqvae2_model_args(tmp_path, args, code, level):
         assert relevant == []
     else:
         assert relevant and relevant[0].code == code and relevant[0].level == level
+
+
+def test_dinovq_rules(tmp_path):
+    tiny = yaml.safe_load(open(os.path.join(ROOT, "configs/dinovq_tiny.yaml")))
+    tiny["data"]["image_size"] = tiny["model_args"]["img_size"] * 2 if isinstance(
+        tiny["model_args"]["img_size"], int) else 64
+    tiny["teacher"]["allow_random"] = False
+    tiny["teacher"]["ckpt_path"] = None
+    _, findings = validate_file(write(tmp_path, tiny, "d.yaml"))
+    codes = {(f.code, f.level) for f in findings}
+    assert ("image_size_mismatch", ERROR) in codes
+    assert ("teacher_weights_missing", WARNING) in codes

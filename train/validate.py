@@ -423,6 +423,23 @@ def rule_dinovq_model_args(data: Dict[str, Any], out: List[Finding]) -> None:
     for key in ("dino_loss_weight", "recon_loss_weight", "vq_loss_weight", "perceptual_weight", "disc_weight"):
         if key in args and not _is_number(args[key]):
             _type_finding(out, f"model_args.{key}", args[key], 1.0, "a number")
+    img_size = args.get("img_size")
+    data_size = (data.get("data") or {}).get("image_size")
+    if img_size is not None and _is_int(data_size):
+        sizes = img_size if isinstance(img_size, (list, tuple)) else [img_size, img_size]
+        if any(s != data_size for s in sizes):
+            out.append(Finding(ERROR, "data.image_size", "image_size_mismatch",
+                               f"data.image_size {data_size} differs from model_args.img_size {img_size!r}: "
+                               "DinoVQ's position embeddings and token grid are built for img_size",
+                               f"set data.image_size: {sizes[0]}" if sizes[0] == sizes[-1] else
+                               "make them agree", [("data.image_size", sizes[0])] if sizes[0] == sizes[-1] else []))
+    teacher = data.get("teacher") or {}
+    if not teacher.get("ckpt_path") and not teacher.get("allow_random") and \
+            not (data.get("data") or {}).get("feature_cache"):
+        out.append(Finding(WARNING, "teacher.ckpt_path", "teacher_weights_missing",
+                           "no DINO teacher weights: fit needs teacher.ckpt_path (a local DINO / DINOv2 checkpoint) "
+                           "or a data.feature_cache made by extract-features",
+                           "set teacher.ckpt_path=/path/to/dino_vitbase16_pretrain.pth"))
     img, patch = args.get("img_size"), args.get("patch_size", 16)
     if img is not None and _is_int(patch) and patch > 0:
         sizes = img if isinstance(img, (list, tuple)) else [img, img]
