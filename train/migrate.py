@@ -47,7 +47,6 @@ from __future__ import annotations
 
 import argparse
 import collections
-import copy
 import json
 import os
 import shutil
