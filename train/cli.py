@@ -17,6 +17,7 @@ COMMANDS = {
     "migrate": ("train.migrate", "convert a legacy config and checkpoint into this tool"),
     "eval": ("train.evaluate", "reconstruction metrics of a checkpoint on a data set"),
     "extract-features": ("train.features", "cache DINO teacher features for DinoVQ"),
+    "demo": ("train.demo", "train a small EMAVQ on built-in photos for a few minutes (make demo)"),
 }
 
 USAGE = "usage: python -m train {" + ",".join(COMMANDS) + "} ...\n\n" + "\n".join(
