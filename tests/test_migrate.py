@@ -313,6 +313,13 @@ def test_emavq_checkpoint_carries_its_statistics(tmp_path, ddconfig, capsys):
     assert report["checkpoint"]["load_method"] == "weights_only"
     assert any(i["what"] == "global_step" for i in report["not_carried"])
 
+    # A .safetensors file (e.g. the migrated weights themselves) is a checkpoint too.
+    code, _, err = run_cli(["migrate", str(config), "--ckpt", str(out / "model.safetensors"), "--out",
+                            str(tmp_path / "m3")], capsys)
+    assert code == 0, err
+    again = load_file(str(tmp_path / "m3" / "model.safetensors"))
+    assert all(torch.equal(again[k], sd[k]) for k in sd)
+
     # EMAVQ -> VQ drops the statistics, with a note.
     config_vq = legacy_config(tmp_path / "vq.json", ddconfig, variant="VQ", use_gan=False)
     code, _, err = run_cli(["migrate", str(config_vq), "--ckpt", str(tmp_path / "ema.pt"), "--out",
@@ -406,6 +413,8 @@ def test_cli_exit_codes(tmp_path, ddconfig, upstream, capsys):
     code, _, err = run_cli(["migrate", str(config), "--ckpt", str(tmp_path / "nope.ckpt"), "--out",
                             str(tmp_path / "x")], capsys)
     assert code == 2 and "does not exist" in err and not (tmp_path / "x").exists()
+    code, _, err = run_cli(["migrate", str(config), "--ckpt", str(tmp_path), "--out", str(tmp_path / "x")], capsys)
+    assert code == 2 and "is a folder" in err
     # config only: migrates the config, says the weights were not carried
     code, out, err = run_cli(["migrate", str(config), "--out", str(tmp_path / "cfg_only")], capsys)
     assert code == 0, err

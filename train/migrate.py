@@ -657,7 +657,8 @@ def migrate(config_path: str, ckpt_path: Optional[str], out_dir: str, force: boo
                     files.append("discriminator.safetensors")
                     report.weights["discriminator_tensors"] = len(disc_sd)
                     report.weights["renamed"].append(["loss.discriminator.*", "discriminator.*"])
-            elif _discriminator_from_config(cfg) is not None and bool(cfg.train.use_gan):
+            elif _discriminator_from_config(cfg) is not None and bool(cfg.train.use_gan) and \
+                    str(cfg.model_variant or "").lower() != "nodisc":
                 report.cannot_carry("discriminator weights", "the checkpoint has no loss.discriminator.* entries; "
                                     "the discriminator starts from taming's initialisation")
 

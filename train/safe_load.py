@@ -383,6 +383,8 @@ def load_checkpoint(path: str) -> LoadedCheckpoint:
     pickle that names a code-running global (the message names it).
     """
     path = os.fspath(path)
+    if os.path.isdir(path):
+        raise UserError(f"checkpoint {path!r} is a folder; name the checkpoint file in it (e.g. last.ckpt)")
     if not os.path.isfile(path):
         raise UserError(f"checkpoint {path!r} does not exist; pass an existing .ckpt/.pt/.safetensors file")
     if path.endswith(".safetensors"):
