@@ -228,3 +228,16 @@ def test_sigterm_finishes_the_step_saves_and_exits_0(tmp_path):
     state = torch.load(out / "checkpoints" / "last.ckpt", weights_only=True)
     assert state["global_step"] >= 2
     assert f"stopped at step {state['global_step']}" in output
+
+
+def test_demo_runs_and_reports(tmp_path, capsys):
+    out = tmp_path / "demo"
+    code = cli(["demo", "--out", str(out), "--max-steps", "3"])
+    printed = capsys.readouterr().out
+    assert code in (0, 1)                 # 3 steps need not beat the initial PSNR
+    assert "held-out PSNR" in printed and "codebook usage" in printed
+    assert "no VGG16 file needed" in printed and "EMA codebook initialised" in printed
+    assert str(out) in printed
+    assert (out / "images" / "heldout_before_after.png").is_file()
+    assert (out / "checkpoints" / "last.safetensors").is_file()
+    assert cli(["demo", "--minutes", "-1"]) == 2

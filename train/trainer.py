@@ -204,7 +204,7 @@ class Trainer:
     def __init__(self, cfg, data: DataSpec, run_dir: Optional[str], resume: Optional[ckpt.ResumeSource] = None,
                  device: Optional[torch.device] = None,
                  batch_augmenter: Optional[Callable[[Dict, int], Dict]] = None,
-                 use_bar: Optional[bool] = None):
+                 use_bar: Optional[bool] = None, time_limit_s: Optional[float] = None):
         from adapters import build_model
         from losses import LossCalculator
 
@@ -216,6 +216,8 @@ class Trainer:
         self.device = device or default_device()
         self.batch_augmenter = batch_augmenter
         self.use_bar = use_bar
+        # Stop (and save) after this many seconds of training, e.g. the demo's few minutes.
+        self.time_limit_s = time_limit_s
         self.notes: List[str] = []
         t = cfg.train
         check_train_options(cfg, self.device)
@@ -432,6 +434,10 @@ class Trainer:
                     self.save(keep=True)
                 if any_rank(stop.requested, self.device):
                     stop.requested = True
+                    break
+                if self.time_limit_s is not None and any_rank(time.time() - started > self.time_limit_s,
+                                                              self.device):
+                    log.message(f"time limit of {self.time_limit_s:.0f}s reached at step {self.step}")
                     break
 
         self.save(keep=self.max_steps is not None and self.step % t.ckpt_every == 0)
