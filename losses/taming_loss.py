@@ -137,6 +137,9 @@ class TamingLossCalculator(LossCalculator, VQLPIPSWithDiscriminator):
             self.register_load_state_dict_pre_hook(_drop_perceptual_keys)
 
         self.use_gan = bool(use_gan)
+        # generator_step keeps D(fake) for the discriminator step (one D forward fewer); off
+        # when the discriminator is DDP-wrapped (DDP wants each forward followed by its backward).
+        self.reuse_fake_logits = True
         self.disc_update_every = int(disc_update_every)
         if self.disc_update_every < 1:
             raise UserError(f"train.disc_update_every must be >= 1, got {disc_update_every}")
@@ -221,36 +224,75 @@ class TamingLossCalculator(LossCalculator, VQLPIPSWithDiscriminator):
             return self._discriminator_loss(inputs, reconstructions, global_step, cond, split)
         raise ValueError(f"optimizer_idx must be 0 (generator) or 1 (discriminator), got {optimizer_idx!r}")
 
-    def _generator_loss_without_gan(self, codebook_loss, inputs, reconstructions, global_step, split):
-        # taming's generator branch with its GAN summand (d_weight * 0 * g_loss) left out:
-        # nll + 0 is nll exactly, so value and gradients are unchanged.
+    def _nll(self, inputs, reconstructions):
+        """taming's reconstruction terms: ``(nll_loss, rec_loss, p_loss)``, the same operations."""
         rec_loss = torch.abs(inputs.contiguous() - reconstructions.contiguous())
         if self.perceptual_weight > 0:
             p_loss = self.perceptual_loss(inputs.contiguous(), reconstructions.contiguous())
             rec_loss = rec_loss + self.perceptual_weight * p_loss
         else:
             p_loss = torch.zeros(1, device=inputs.device)
-        nll_loss = torch.mean(rec_loss)
+        return torch.mean(rec_loss), rec_loss, p_loss
+
+    @staticmethod
+    def _generator_log(split, loss, codebook_loss, nll_loss, rec_loss, p_loss, d_weight, disc_factor, g_loss):
+        return {f"{split}/total_loss": loss.clone().detach().mean(),
+                f"{split}/quant_loss": codebook_loss.detach().mean(),
+                f"{split}/nll_loss": nll_loss.detach().mean(),
+                f"{split}/rec_loss": rec_loss.detach().mean(),
+                f"{split}/p_loss": p_loss.detach().mean(),
+                f"{split}/d_weight": d_weight.detach(),
+                f"{split}/disc_factor": torch.tensor(disc_factor),
+                f"{split}/g_loss": g_loss.detach().mean()}
+
+    def _generator_loss_without_gan(self, codebook_loss, inputs, reconstructions, global_step, split):
+        # taming's generator branch with its GAN summand (d_weight * 0 * g_loss) left out:
+        # nll + 0 is nll exactly, so value and gradients are unchanged.
+        nll_loss, rec_loss, p_loss = self._nll(inputs, reconstructions)
         loss = nll_loss + self.codebook_weight * codebook_loss.mean()
         zero = torch.zeros((), device=inputs.device)
-        log = {f"{split}/total_loss": loss.clone().detach().mean(),
-               f"{split}/quant_loss": codebook_loss.detach().mean(),
-               f"{split}/nll_loss": nll_loss.detach().mean(),
-               f"{split}/rec_loss": rec_loss.detach().mean(),
-               f"{split}/p_loss": p_loss.detach().mean(),
-               f"{split}/d_weight": zero,
-               f"{split}/disc_factor": torch.tensor(self.disc_factor_at(global_step)),
-               f"{split}/g_loss": zero.clone()}
-        return loss, log
+        return loss, self._generator_log(split, loss, codebook_loss, nll_loss, rec_loss, p_loss, zero,
+                                         self.disc_factor_at(global_step), zero)
 
-    def _discriminator_loss(self, inputs, reconstructions, global_step, cond, split):
+    def _generator_loss_one_pass(self, codebook_loss, inputs, reconstructions, global_step, last_layer,
+                                 keep_fake_graph, split):
+        """taming's GAN generator loss with the discriminator evaluated once, on a detached copy.
+
+        Upstream backpropagates ``g_loss`` through the discriminator twice (in the adaptive
+        weight's ``autograd.grad`` and again in ``loss.backward()``) and runs ``D(fake)`` again
+        in the discriminator update.  Here ``D`` sees ``xd = reconstructions.detach()``;
+        ``dg/dxd`` is computed once and injected into the generator graph (``_InjectGrad``), so
+        value and gradients are taming's: d(g)/d(theta) = (dg/dxrec) . (dxrec/dtheta).  With
+        ``keep_fake_graph`` the discriminator parameters take part in ``D(xd)`` and its graph is
+        kept for :meth:`discriminator_step` (``xd`` is a leaf: nothing reaches the generator).
+        """
+        nll_loss, rec_loss, p_loss = self._nll(inputs, reconstructions)
+        xd = reconstructions.contiguous().detach().requires_grad_(True)
+        with contextlib.nullcontext() if keep_fake_graph else requires_grad_off(self.discriminator):
+            logits_fake = self.discriminator(xd)
+        g_loss = -torch.mean(logits_fake)
+        (g_grad_xd,) = torch.autograd.grad(g_loss, xd, retain_graph=keep_fake_graph)
+        nll_grads = torch.autograd.grad(nll_loss, last_layer, retain_graph=True)[0]
+        g_grads = torch.autograd.grad(reconstructions, last_layer, grad_outputs=g_grad_xd, retain_graph=True)[0]
+        d_weight = torch.norm(nll_grads) / (torch.norm(g_grads) + 1e-4)
+        d_weight = torch.clamp(d_weight, 0.0, 1e4).detach() * self.discriminator_weight
+        disc_factor = adopt_weight(self.disc_factor, global_step, threshold=self.discriminator_iter_start)
+        g_term = _InjectGrad.apply(reconstructions, g_loss.detach(), g_grad_xd)
+        loss = nll_loss + d_weight * disc_factor * g_term + self.codebook_weight * codebook_loss.mean()
+        log = self._generator_log(split, loss, codebook_loss, nll_loss, rec_loss, p_loss, d_weight, disc_factor,
+                                  g_loss)
+        return loss, log, (logits_fake if keep_fake_graph else None)
+
+    def _discriminator_loss(self, inputs, reconstructions, global_step, cond, split, logits_fake=None):
         # taming's optimizer_idx == 1 branch, without the unused L1/LPIPS computation.
+        # ``logits_fake``: D(fake) already computed (with its graph) by the generator step.
         real = inputs.contiguous().detach()
         fake = reconstructions.contiguous().detach()
         if cond is not None:
             real, fake = torch.cat((real, cond), dim=1), torch.cat((fake, cond), dim=1)
         logits_real = self.discriminator(real)
-        logits_fake = self.discriminator(fake)
+        if logits_fake is None:
+            logits_fake = self.discriminator(fake)
         factor = adopt_weight(self.disc_factor, global_step, threshold=self.discriminator_iter_start)
         d_loss = factor * self.disc_loss(logits_real, logits_fake)
         log = {f"{split}/disc_loss": d_loss.clone().detach().mean(),
@@ -261,22 +303,60 @@ class TamingLossCalculator(LossCalculator, VQLPIPSWithDiscriminator):
     # ---- the trainer's API -----------------------------------------------------------------
     def generator_step(self, model: nn.Module, batch: Dict[str, torch.Tensor], global_step: int,
                        split: str = "train") -> GeneratorOutput:
-        """One generator forward and its loss.  The discriminator is frozen meanwhile, so the
-        generator loss's backward leaves its parameters' ``.grad`` untouched."""
+        """One generator forward and its loss (taming's values; see the module docstring).
+
+        No gradient of the returned loss reaches the discriminator's parameters.  When a
+        discriminator step follows at this step, ``D(fake)`` is computed here once and handed
+        to :meth:`discriminator_step` through ``out.extra``; pass that same ``out``.
+        """
         x = batch["image"]
         xrec, qloss, indices = _run_model(model, x)
-        last_layer = None
-        if self.gan_term_active(global_step):
+        extra: Dict[str, Any] = {"codebook_loss": qloss.detach(), "global_step": global_step}
+        if not self.gan_term_active(global_step):
+            loss, log = self(qloss, x, xrec, 0, global_step, split=split)
+        elif torch.is_grad_enabled() and xrec.requires_grad:
+            keep = self.reuse_fake_logits and self.should_update_discriminator(global_step) \
+                and not isinstance(self.discriminator, nn.parallel.DistributedDataParallel)
             last_layer = getattr(model, "module", model).get_last_layer()
-        with requires_grad_off(self.discriminator):
-            loss, log = self(qloss, x, xrec, 0, global_step, last_layer=last_layer, split=split)
+            loss, log, logits_fake = self._generator_loss_one_pass(qloss, x, xrec, global_step, last_layer,
+                                                                   keep, split)
+            if logits_fake is not None:
+                extra["logits_fake"] = logits_fake
+        else:
+            # No autograd (validation): the adaptive weight cannot be computed; taming's forward
+            # then uses d_weight 0 (in eval mode; in train mode it fails an assert).
+            nll_loss, rec_loss, p_loss = self._nll(x, xrec)
+            g_loss = -torch.mean(self.discriminator(xrec.contiguous()))
+            d_weight = torch.tensor(0.0)
+            disc_factor = self.disc_factor_at(global_step)
+            loss = nll_loss + d_weight * disc_factor * g_loss + self.codebook_weight * qloss.mean()
+            log = self._generator_log(split, loss, qloss, nll_loss, rec_loss, p_loss, d_weight, disc_factor,
+                                      g_loss)
         return GeneratorOutput(loss=loss, log=log, inputs=x, reconstructions=xrec.detach(), indices=indices,
-                               extra={"codebook_loss": qloss.detach()})
+                               extra=extra)
 
     def discriminator_step(self, out: GeneratorOutput, global_step: int, split: str = "train"):
         """taming's discriminator loss on ``out.inputs`` vs ``out.reconstructions`` (detached):
-        no second generator pass, no gradient into the generator."""
-        return self._discriminator_loss(out.inputs, out.reconstructions, global_step, None, split)
+        no second generator pass, no gradient into the generator.  Reuses ``D(fake)`` from the
+        generator step of the same ``global_step`` when it kept one."""
+        logits_fake = out.extra.get("logits_fake") if out.extra.get("global_step") == global_step else None
+        out.extra.pop("logits_fake", None)   # its graph is freed by this step's backward
+        return self._discriminator_loss(out.inputs, out.reconstructions, global_step, None, split,
+                                        logits_fake=logits_fake)
+
+
+class _InjectGrad(torch.autograd.Function):
+    """Value ``value``; gradient ``grad_out * grad`` with respect to ``x`` (a precomputed VJP)."""
+
+    @staticmethod
+    def forward(ctx, x, value, grad):
+        ctx.save_for_backward(grad)
+        return value.clone()
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        (grad,) = ctx.saved_tensors
+        return grad_out * grad, None, None
 
 
 __all__ = ["TamingLossCalculator", "TAMING_LOSS_DEFAULTS"]

@@ -170,6 +170,19 @@ def test_gan_work_is_skipped_when_its_factor_is_zero(monkeypatch, use_gan, step,
     assert count.grad_calls == (2 if expect_gan else 0)
 
 
+@pytest.mark.parametrize("use_gan,step", [(False, 0), (False, 50), (True, 1)])
+def test_generator_step_skips_gan_work_too(monkeypatch, use_gan, step):
+    from adapters import build_model
+
+    cfg = make_cfg(use_gan=use_gan)     # disc_start 2
+    model, calc = build_model(cfg), TamingLossCalculator.build(cfg)
+    count = Counter(monkeypatch, calc)
+    out = calc.generator_step(model, _batch(), step)
+    out.loss.backward()
+    assert count.disc_calls == 0 and count.grad_calls == 0
+    assert not calc.should_update_discriminator(step)
+
+
 # ---- the schedule ------------------------------------------------------------------------
 
 def test_schedule_and_cadence(monkeypatch):
@@ -300,34 +313,63 @@ def _batch():
     return {"image": torch.rand(2, 3, 32, 32, generator=torch.Generator().manual_seed(5)) * 2 - 1}
 
 
-@pytest.mark.parametrize("step", [0, 2])
-def test_generator_step_equals_taming_on_the_model_output(monkeypatch, model_and_calc, step):
-    model, calc = model_and_calc
+def make_ref(monkeypatch, calc, **params):
     with monkeypatch.context() as patch:
         patch.setattr(vqperceptual, "LPIPS", lambda: build_taming_lpips(allow_random_vgg=True))
-        ref = VQLPIPSWithDiscriminator(**CFG_PARAMS)
+        ref = VQLPIPSWithDiscriminator(**dict(CFG_PARAMS, **params))
     ref.load_state_dict(calc.state_dict(), strict=False)
+    return ref
+
+
+def _grads(params):
+    return [None if p.grad is None else p.grad.clone() for p in params]
+
+
+# steps with disc_update_every=2, disc_start=2: 0 no GAN term; 2 GAN + D step (D(fake) kept);
+# 3 GAN term but no D step (D frozen, nothing kept)
+@pytest.mark.parametrize("step,kept", [(0, False), (2, True), (3, False)])
+def test_generator_step_equals_taming_on_the_model_output(monkeypatch, step, kept):
+    from adapters import build_model
+
+    cfg = make_cfg(disc_update_every=2)
+    torch.manual_seed(0)
+    model, calc = build_model(cfg), TamingLossCalculator.build(cfg)
+    ref = make_ref(monkeypatch, calc)
     batch = _batch()
     out = calc.generator_step(model, batch, step)
     assert isinstance(out, GeneratorOutput)
     assert not out.reconstructions.requires_grad and out.inputs is batch["image"]
     assert out.indices.shape == (2, 16, 16) and out.indices.dtype == torch.long
-    ours = torch.autograd.grad(out.loss, model.get_last_layer())[0]
+    assert ("logits_fake" in out.extra) == kept
+    out.loss.backward()
+    ours = _grads(model.parameters())
+    model.zero_grad(set_to_none=True)
+    # taming: the generator pass of its Lightning loop (discriminator frozen by toggle_optimizer)
     xrec, qloss = model(batch["image"])
+    for p in ref.discriminator.parameters():
+        p.requires_grad_(False)
     rloss, rlog = ref(qloss, batch["image"], xrec, 0, step, last_layer=model.get_last_layer())
-    theirs = torch.autograd.grad(rloss, model.get_last_layer())[0]
+    rloss.backward()
+    theirs = _grads(model.parameters())
     assert torch.allclose(out.loss, rloss, atol=1e-6)
-    assert torch.allclose(ours, theirs, atol=1e-6)
+    for (name, _), g, rg in zip(model.named_parameters(), ours, theirs):
+        assert (g is None) == (rg is None), name
+        if g is not None:
+            assert torch.allclose(g, rg, atol=1e-6, rtol=1e-4), name
     for key, value in rlog.items():
         if step < 2 and key in ("train/d_weight", "train/g_loss"):
             continue
         assert torch.allclose(out.log[key].cpu(), value.cpu(), atol=1e-6), key
+    if step >= 2:
+        assert float(out.log["train/d_weight"]) > 0
 
 
 def test_no_gradient_leaks_between_the_two_updates(model_and_calc):
     model, calc = model_and_calc
     calls = []
     model.register_forward_hook(lambda *_: calls.append(1))
+    d_calls = []
+    calc.discriminator.register_forward_hook(lambda *_: d_calls.append(1))
     step = 3
     assert calc.gan_term_active(step) and calc.should_update_discriminator(step)
 
@@ -343,25 +385,59 @@ def test_no_gradient_leaks_between_the_two_updates(model_and_calc):
     assert all(p.grad is None for p in model.parameters())
     assert all(p.grad is not None for p in calc.discriminator.parameters())
     assert set(d_log) == {f"train/{k}" for k in DISC_KEYS} and float(d_loss.detach()) > 0
-    assert len(calls) == 1   # one generator forward per iteration
+    assert len(calls) == 1     # one generator forward per iteration (taming's loop: 2)
+    assert len(d_calls) == 2   # D(fake) once, D(real) once (taming: D(fake) twice)
 
 
-def test_discriminator_step_equals_tamings_second_pass(monkeypatch, model_and_calc):
+@pytest.mark.parametrize("reuse", [True, False])
+def test_discriminator_step_equals_tamings_second_pass(monkeypatch, model_and_calc, reuse):
     model, calc = model_and_calc
-    with monkeypatch.context() as patch:
-        patch.setattr(vqperceptual, "LPIPS", lambda: build_taming_lpips(allow_random_vgg=True))
-        ref = VQLPIPSWithDiscriminator(**CFG_PARAMS)
-    ref.load_state_dict(calc.state_dict(), strict=False)
+    calc.reuse_fake_logits = reuse
+    ref = make_ref(monkeypatch, calc)
     batch = _batch()
     out = calc.generator_step(model, batch, 4)
-    calc.load_state_dict(ref.state_dict(), strict=False)     # undo the generator step's BN update
+    assert ("logits_fake" in out.extra) == reuse
+    out.loss.backward()
     d_loss, d_log = calc.discriminator_step(out, 4)
+    d_loss.backward()
     # taming's Lightning loop: a second generator forward, then optimizer_idx=1
     xrec, qloss = model(batch["image"])
     r_loss, r_log = ref(qloss, batch["image"], xrec, 1, 4, last_layer=model.get_last_layer())
+    r_loss.backward()
     assert torch.allclose(d_loss, r_loss, atol=1e-6)
     for key in r_log:
         assert torch.allclose(d_log[key], r_log[key], atol=1e-6)
+    for p, rp in zip(calc.discriminator.parameters(), ref.discriminator.parameters()):
+        assert torch.allclose(p.grad, rp.grad, atol=1e-6, rtol=1e-4)
+
+
+def test_a_kept_fake_graph_is_not_used_for_another_step(model_and_calc):
+    model, calc = model_and_calc
+    out = calc.generator_step(model, _batch(), 4)
+    assert "logits_fake" in out.extra
+    count = []
+    calc.discriminator.register_forward_hook(lambda *_: count.append(1))
+    calc.discriminator_step(out, 5)
+    assert len(count) == 2 and "logits_fake" not in out.extra
+
+
+@pytest.mark.parametrize("training", [True, False])
+def test_generator_step_without_autograd(monkeypatch, model_and_calc, training):
+    """Validation under no_grad: taming's eval-mode values (d_weight 0), in either mode."""
+    model, calc = model_and_calc
+    ref = make_ref(monkeypatch, calc)
+    calc.train(training)
+    ref.eval()
+    calc.discriminator.train(training)
+    ref.discriminator.train(training)
+    with torch.no_grad():
+        out = calc.generator_step(model, _batch(), 4, split="val")
+        xrec, qloss = model(_batch()["image"])
+        rloss, rlog = ref(qloss, _batch()["image"], xrec, 0, 4, last_layer=model.get_last_layer(), split="val")
+    assert torch.allclose(out.loss, rloss, atol=1e-6)
+    for key, value in rlog.items():
+        assert torch.allclose(out.log[key], value, atol=1e-6), key
+    assert float(out.log["val/d_weight"]) == 0.0
 
 
 class FakeWrapper(nn.Module):
