@@ -241,3 +241,20 @@ def test_demo_runs_and_reports(tmp_path, capsys):
     assert (out / "images" / "heldout_before_after.png").is_file()
     assert (out / "checkpoints" / "last.safetensors").is_file()
     assert cli(["demo", "--minutes", "-1"]) == 2
+
+
+def test_bf16_autocast_and_epochs_to_steps(tmp_path):
+    config = tiny_config(tmp_path, use_gan=True, disc_start=0)
+    code, trainer = run([config, "--out", str(tmp_path / "bf16"), "--max-steps", "1", "--no-bar",
+                         "train.precision=bf16"])
+    assert code == 0 and trainer.scaler_g is None
+    state = torch.load(tmp_path / "bf16" / "checkpoints" / "last.ckpt", weights_only=True)
+    assert all(v.dtype != torch.bfloat16 for v in state["model"].values())   # weights stay fp32
+
+    from train.config import load_config
+    from train.data import resolve_data
+    from train.trainer import Trainer
+
+    # 15 builtin photos, 2 images x 2 accumulated per step: one epoch is ceil(15 / 4) = 4 steps.
+    cfg = load_config(config, ["train.max_epochs=2", "train.accumulate_grad_batches=2"])
+    assert Trainer(cfg, resolve_data(cfg), None).max_steps == 8

@@ -30,9 +30,10 @@ def _assert_same_optimizer(a, b):
 
 
 def test_resume_is_bit_identical_to_an_uninterrupted_run(tmp_path):
-    # GAN on from step 0 (both optimizers move), accumulation 2, discriminator every 2nd step.
+    # GAN on from step 0 (both optimizers move), accumulation 2, discriminator every 2nd step,
+    # gradient clipping.
     config = tiny_config(tmp_path, use_gan=True, disc_start=0, accumulate_grad_batches=2, disc_update_every=2,
-                         ckpt_every=3)
+                         ckpt_every=3, grad_clip=0.5)
     full, part = tmp_path / "full", tmp_path / "part"
     assert run([config, "--out", str(full), "--max-steps", "5", "--no-bar"])[0] == 0
     assert run([config, "--out", str(part), "--max-steps", "3", "--no-bar"])[0] == 0
