@@ -62,7 +62,8 @@ class TrainSection:
     log_every: int = 10
     # Write an input/reconstruction PNG grid every N steps.
     image_every: int = 100
-    # Keep a numbered checkpoint every N steps (last.ckpt is written at every log point).
+    # Rewrite checkpoints/last.ckpt and keep a numbered step-N.ckpt every N steps (last is also
+    # written at the end of training and on SIGTERM/SIGINT).
     ckpt_every: int = 500
     # Stop after this many non-finite losses in a row (each one is skipped).
     max_bad_steps: int = 5
