@@ -136,32 +136,11 @@ def report(title, medians, num, den, target):
     return ratio
 
 
-def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--rounds", type=int, default=25, help="timed samples per variant")
-    parser.add_argument("--batch", type=int, default=4)
-    parser.add_argument("--threads", type=int, default=1,
-                        help="torch CPU threads (1: on a shared machine more threads only add noise)")
-    parser.add_argument("--perceptual", action="store_true",
-                        help="perceptual_weight 1 with a RANDOM VGG16 trunk (allow_random_vgg)")
-    args = parser.parse_args(argv)
-
-    logging.basicConfig(level=logging.ERROR)   # the use_gan / random-trunk warnings are expected here
-    torch.set_num_threads(args.threads)
-    torch.manual_seed(0)
-    from adapters import build_model
+def bench_a(args, model, batch):
+    """(a) use_gan false: the generator step."""
     from losses.taming_loss import TamingLossCalculator
 
-    print(f"bench_losses: CPU, {args.threads} threads, batch {args.batch} x 3 x 64 x 64, "
-          f"{args.rounds} alternating rounds, medians; perceptual_weight "
-          f"{'1.0 (RANDOM VGG16 trunk)' if args.perceptual else '0 (no LPIPS)'}")
-
-    model = build_model(make_cfg(True, args.perceptual))
-    x = torch.rand(args.batch, 3, 64, 64) * 2 - 1
-    batch = {"image": x}
-    ratios = {}
-
-    # ---- (a) use_gan false: the generator step --------------------------------------------
+    x = batch["image"]
     calc_off = TamingLossCalculator.build(make_cfg(False, args.perceptual))
     ref_zero = taming_reference_loss(calc_off, args.perceptual)
     ref_zero.disc_factor = 0.0   # seed 002: taming's loss with disc_factor forced to 0
@@ -189,12 +168,18 @@ def main(argv=None) -> int:
     med = measure({"use_gan false: generator_step": ours_off,
                    "taming, disc_factor=0": taming_disc_factor_zero,
                    "no GAN term at all": gan_free}, args.rounds)
-    ratios["a"] = report("(a) generator step, use_gan false", med, "use_gan false: generator_step",
-                         "no GAN term at all", 1.05)
+    ratio = report("(a) generator step, use_gan false", med, "use_gan false: generator_step",
+                   "no GAN term at all", 1.05)
     print(f"  ratio taming disc_factor=0 / no GAN term = "
           f"{med['taming, disc_factor=0'] / med['no GAN term at all']:.3f}x")
+    return ratio
 
-    # ---- (b) one full GAN iteration --------------------------------------------------------
+
+def bench_b(args, model, batch):
+    """(b) one full GAN iteration."""
+    from losses.taming_loss import TamingLossCalculator
+
+    x = batch["image"]
     calc = TamingLossCalculator.build(make_cfg(True, args.perceptual))
     ref = taming_reference_loss(calc, args.perceptual)
     gen_params = model.generator_parameters()
@@ -230,10 +215,13 @@ def main(argv=None) -> int:
 
     med = measure({"generator_step + discriminator_step": ours_gan,
                    "taming two-pass (Lightning)": taming_two_pass}, args.rounds)
-    ratios["b"] = report("(b) one GAN iteration (G update + D update)", med,
-                         "generator_step + discriminator_step", "taming two-pass (Lightning)", 0.8)
+    return report("(b) one GAN iteration (G update + D update)", med,
+                  "generator_step + discriminator_step", "taming two-pass (Lightning)", 0.8)
 
-    # ---- (c) adapter vs bare taming modules ------------------------------------------------
+
+def bench_c(args, model, batch):
+    """(c) the adapter vs bare taming modules, same weights."""
+    x = batch["image"]
     bare = Bare()
     bare.load_state_dict(model.state_dict(), strict=True)
 
@@ -246,8 +234,40 @@ def main(argv=None) -> int:
 
     med = measure({"TamingVQGAN adapter": fwd_bwd(model), "bare taming modules": fwd_bwd(bare)},
                   args.rounds * 2)
-    ratios["c"] = report("(c) model forward + backward", med, "TamingVQGAN adapter", "bare taming modules", 1.02)
+    return report("(c) model forward + backward", med, "TamingVQGAN adapter", "bare taming modules", 1.02)
 
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--rounds", type=int, default=25, help="timed samples per variant")
+    parser.add_argument("--batch", type=int, default=4)
+    parser.add_argument("--threads", type=int, default=1,
+                        help="torch CPU threads (1: on a shared machine more threads only add noise)")
+    parser.add_argument("--only", default="abc", help="which comparisons to run, e.g. 'b' or 'ac'")
+    parser.add_argument("--perceptual", action="store_true",
+                        help="perceptual_weight 1 with a RANDOM VGG16 trunk (allow_random_vgg)")
+    args = parser.parse_args(argv)
+
+    logging.basicConfig(level=logging.ERROR)   # the use_gan / random-trunk warnings are expected here
+    torch.set_num_threads(args.threads)
+    torch.manual_seed(0)
+    from adapters import build_model
+
+    print(f"bench_losses: CPU, {args.threads} threads, batch {args.batch} x 3 x 64 x 64, "
+          f"{args.rounds} alternating rounds, medians; perceptual_weight "
+          f"{'1.0 (RANDOM VGG16 trunk)' if args.perceptual else '0 (no LPIPS)'}")
+
+    model = build_model(make_cfg(True, args.perceptual))
+    x = torch.rand(args.batch, 3, 64, 64) * 2 - 1
+    batch = {"image": x}
+    ratios = {}
+
+    if "a" in args.only:
+        ratios["a"] = bench_a(args, model, batch)
+    if "b" in args.only:
+        ratios["b"] = bench_b(args, model, batch)
+    if "c" in args.only:
+        ratios["c"] = bench_c(args, model, batch)
     print("\nsummary: " + ", ".join(f"({k}) {v:.3f}x" for k, v in ratios.items()))
     return 0
 

@@ -9,7 +9,7 @@ layer.  :class:`TamingLossCalculator` *is* taming's class (a subclass built offl
   ``loss.*`` entries of upstream checkpoints load into it;
 * ``calc(codebook_loss, inputs, reconstructions, optimizer_idx, global_step, last_layer=...,
   split="train")`` returns taming's ``(loss, log)``; whenever the GAN term is active the
-  generator loss *is* taming's own ``forward``.
+  generator loss of this call *is* taming's own ``forward``.
 
 What it does differently, on purpose:
 
@@ -23,10 +23,17 @@ What it does differently, on purpose:
   ``g_loss`` are reported as 0 (they were not computed) and every other key is taming's.
   A side effect: the discriminator's BatchNorm running statistics are not updated by
   generator steps in that phase (upstream updates them with fake batches it then ignores).
-* The discriminator loss is computed from the generator step's reconstructions, detached
-  (:meth:`discriminator_step`): a training iteration runs the generator once, where
-  taming's Lightning loop runs it twice.  It skips taming's L1/LPIPS computation, which the
-  ``optimizer_idx=1`` branch computes and throws away.
+* The trainer API runs one generator forward per iteration (taming's Lightning loop runs
+  two): :meth:`discriminator_step` takes the generator step's reconstructions, detached, and
+  skips taming's L1/LPIPS computation, which the ``optimizer_idx=1`` branch computes and
+  throws away.  With the GAN term active, :meth:`generator_step` evaluates the
+  discriminator once on a detached copy of the reconstructions, computes dg/dx once, and
+  injects it into the generator graph (value and gradients are taming's; tested to 1e-6);
+  when a discriminator step follows, that ``D(fake)`` and its graph are handed over in
+  ``out.extra`` and reused, so a GAN iteration costs one ``D(fake)`` and one discriminator
+  input-gradient fewer.  (Not when the discriminator is DDP-wrapped; ``reuse_fake_logits``
+  turns it off.)  BatchNorm running statistics therefore see one fake batch per
+  iteration instead of two; train-mode outputs do not depend on them.
 * ``perceptual_weight: 0`` builds no VGG trunk and needs no file: the calculator has no
   ``perceptual_loss`` submodule, its state dict has no ``perceptual_loss.*`` keys, and
   loading a state dict that has them (an upstream checkpoint) drops them silently -- those
@@ -67,6 +74,20 @@ TAMING_LOSS_DEFAULTS: Dict[str, Any] = {
 }
 
 
+def _whole_number(value) -> int:
+    number = float(value)
+    if not number.is_integer():
+        raise ValueError(value)
+    return int(number)
+
+
+# Numeric constructor arguments, converted on the way in (YAML/JSON may carry "1e4" or 10000.0).
+_PARAM_TYPES = {"disc_start": _whole_number, "disc_num_layers": _whole_number,
+                "disc_in_channels": _whole_number, "disc_ndf": _whole_number,
+                "codebook_weight": float, "pixelloss_weight": float, "disc_factor": float, "disc_weight": float,
+                "perceptual_weight": float}
+
+
 class _NoPerceptual(nn.Module):
     """Stands in for LPIPS while taming's constructor runs with ``perceptual_weight == 0``;
     removed right after (it never reaches the state dict)."""
@@ -77,6 +98,11 @@ def _drop_perceptual_keys(module, state_dict, prefix, *_args) -> None:
     # have nowhere to go and no use.
     for key in [k for k in state_dict if k.startswith(prefix + "perceptual_loss.")]:
         del state_dict[key]
+
+
+def _fp16_autocast(t: torch.Tensor) -> bool:
+    device = t.device.type
+    return torch.is_autocast_enabled(device) and torch.get_autocast_dtype(device) == torch.float16
 
 
 def _run_model(model: nn.Module, x: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor, Optional[Any]]:
@@ -174,6 +200,16 @@ class TamingLossCalculator(LossCalculator, VQLPIPSWithDiscriminator):
         if disc_loss not in D_LOSSES:
             raise UserError(f"lossconfig.params.disc_loss {disc_loss!r} is unknown; valid choices: "
                             f"{', '.join(sorted(D_LOSSES))}")
+        for key, value in list(params.items()):
+            kind = _PARAM_TYPES.get(key)
+            try:
+                params[key] = kind(value) if kind is not None and not isinstance(value, bool) else value
+            except (TypeError, ValueError):
+                what = "a whole number" if kind is _whole_number else "a number"
+                raise UserError(f"lossconfig.params.{key} must be {what}, got {value!r}") from None
+        if params.get("disc_conditional"):
+            raise UserError("lossconfig.params.disc_conditional: true needs a conditioning input that VQGAN "
+                            "training never passes (taming's VQModel fails its own assert); set it to false")
         if "disc_in_channels" not in params:
             ddconfig = as_dict(cfg.model_args).get("ddconfig") or {}
             params["disc_in_channels"] = int(ddconfig.get("out_ch", TAMING_LOSS_DEFAULTS["disc_in_channels"]))
@@ -314,6 +350,12 @@ class TamingLossCalculator(LossCalculator, VQLPIPSWithDiscriminator):
         extra: Dict[str, Any] = {"codebook_loss": qloss.detach(), "global_step": global_step}
         if not self.gan_term_active(global_step):
             loss, log = self(qloss, x, xrec, 0, global_step, split=split)
+        elif _fp16_autocast(xrec):
+            # The one-pass path computes dg/dx without the GradScaler's scale, which fp16 can
+            # underflow; taming's own forward (whose main backward is scaled) is used instead.
+            with requires_grad_off(self.discriminator):
+                loss, log = self(qloss, x, xrec, 0, global_step,
+                                 last_layer=getattr(model, "module", model).get_last_layer(), split=split)
         elif torch.is_grad_enabled() and xrec.requires_grad:
             keep = self.reuse_fake_logits and self.should_update_discriminator(global_step) \
                 and not isinstance(self.discriminator, nn.parallel.DistributedDataParallel)

@@ -273,10 +273,36 @@ def test_build_from_config_and_dictconfig():
     ({"perceptual_weight": 1.0}, {}, "vgg16-397923af.pth"),
     ({"perceptual_weight": 1.0}, {"vgg_ckpt_path": "/nonexistent/vgg16.pth"}, "/nonexistent/vgg16.pth"),
     ({}, {"disc_update_every": 0}, "disc_update_every"),
+    ({"disc_start": "soon"}, {}, "disc_start must be a whole number"),
+    ({"disc_num_layers": 2.5}, {}, "disc_num_layers must be a whole number"),
+    ({"disc_weight": "heavy"}, {}, "disc_weight must be a number"),
+    ({"disc_conditional": True}, {}, "disc_conditional"),
 ])
 def test_bad_configs_are_user_errors(params, train, match):
     with pytest.raises(UserError, match=match):
         TamingLossCalculator.build(make_cfg(params, **train))
+
+
+def test_numbers_written_as_strings_or_floats_are_converted():
+    calc = TamingLossCalculator.build(make_cfg({"disc_start": "1e4", "disc_weight": "0.8", "disc_ndf": 16.0}))
+    assert calc.disc_start == 10000 and isinstance(calc.disc_start, int)
+    assert calc.discriminator_weight == 0.8 and calc.discriminator.main[0].out_channels == 16
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_generator_step_under_autocast(model_and_calc, dtype):
+    """fp16 autocast takes taming's own forward (its backward is the scaled one); bf16 the one-pass path."""
+    model, calc = model_and_calc
+    with torch.autocast("cpu", dtype=dtype):
+        out = calc.generator_step(model, _batch(), 4)
+    assert ("logits_fake" in out.extra) == (dtype == torch.bfloat16)
+    out.loss.float().backward()
+    assert model.get_last_layer().grad is not None
+    assert all(p.grad is None for p in calc.discriminator.parameters())
+    with torch.autocast("cpu", dtype=dtype):
+        d_loss, _ = calc.discriminator_step(out, 4)
+    d_loss.float().backward()
+    assert torch.isfinite(d_loss) and all(p.grad is not None for p in calc.discriminator.parameters())
 
 
 def test_missing_disc_start_is_a_user_error():
