@@ -39,7 +39,6 @@ if ROOT not in sys.path:
     sys.path.insert(0, ROOT)
 
 import torch  # noqa: E402
-import torch.nn.functional as F  # noqa: E402
 from torch import nn  # noqa: E402
 
 DDCONFIG = dict(double_z=False, z_channels=64, resolution=64, in_channels=3, out_ch=3, ch=32,

@@ -71,6 +71,7 @@ def test_builds_real_taming_lpips_from_vgg_file(vgg_file, empty_hub):
     assert taming_lpips.get_ckpt_path is get_ckpt_path
 
 
+@pytest.mark.filterwarnings("ignore:.*(pretrained|weight enum).*:UserWarning")   # lpips calls vgg16(pretrained=)
 def test_matches_the_lpips_package_metric(vgg_file, empty_hub):
     """Independent reference: the lpips package's own LPIPS with the same trunk and lin file."""
     import lpips
@@ -167,6 +168,7 @@ BAD_FILES = ["garbage", "truncated", "list", "resnet", "wrong_shape", "missing_k
              "pickled_module", "raw_pickle"]
 
 
+@pytest.mark.filterwarnings("ignore:Detected pickle protocol:UserWarning")
 @pytest.mark.parametrize("kind", BAD_FILES)
 def test_a_file_that_is_not_vgg16_is_a_user_error(kind, bad_files, empty_hub):
     path = bad_files[kind]
@@ -178,3 +180,12 @@ def test_a_file_that_is_not_vgg16_is_a_user_error(kind, bad_files, empty_hub):
     if kind == "wrong_shape":
         assert "features.28.weight" in message and "(512, 512, 1, 1)" in message
     assert taming_lpips.models is torchvision.models
+
+
+def test_legacy_format_features_only_file(vgg_file, tmp_path, empty_hub):
+    """torchvision's 2017 hub files use torch's legacy (non-zip) format; the classifier is optional."""
+    _, features = vgg_file
+    legacy = tmp_path / "vgg16_legacy.pth"
+    torch.save(features, legacy, _use_new_zipfile_serialization=False)
+    module = build_taming_lpips(str(legacy))
+    _assert_trunk_equals(module, features)
