@@ -255,6 +255,8 @@ def test_bf16_autocast_and_epochs_to_steps(tmp_path):
     from train.data import resolve_data
     from train.trainer import Trainer
 
-    # 15 builtin photos, 2 images x 2 accumulated per step: one epoch is ceil(15 / 4) = 4 steps.
+    # 7 builtin photos, 2 images x 2 accumulated per step: two epochs are ceil(2 * 7 / 4) = 4 steps.
     cfg = load_config(config, ["train.max_epochs=2", "train.accumulate_grad_batches=2"])
-    assert Trainer(cfg, resolve_data(cfg), None).max_steps == 8
+    data = resolve_data(cfg)
+    assert len(data.paths) == 7
+    assert Trainer(cfg, data, None).max_steps == 4
