@@ -369,7 +369,7 @@ class TamingLossCalculator(LossCalculator, VQLPIPSWithDiscriminator):
             # then uses d_weight 0 (in eval mode; in train mode it fails an assert).
             nll_loss, rec_loss, p_loss = self._nll(x, xrec)
             g_loss = -torch.mean(self.discriminator(xrec.contiguous()))
-            d_weight = torch.tensor(0.0)
+            d_weight = torch.zeros((), device=x.device)
             disc_factor = self.disc_factor_at(global_step)
             loss = nll_loss + d_weight * disc_factor * g_loss + self.codebook_weight * qloss.mean()
             log = self._generator_log(split, loss, qloss, nll_loss, rec_loss, p_loss, d_weight, disc_factor,

@@ -368,6 +368,7 @@ def test_generator_step_equals_taming_on_the_model_output(monkeypatch, step, kep
     assert out.indices.shape == (2, 16, 16) and out.indices.dtype == torch.long
     assert ("logits_fake" in out.extra) == kept
     out.loss.backward()
+    assert all(p.grad is None for p in calc.discriminator.parameters())
     ours = _grads(model.parameters())
     model.zero_grad(set_to_none=True)
     # taming: the generator pass of its Lightning loop (discriminator frozen by toggle_optimizer)
