@@ -58,8 +58,10 @@ def test_resume_from_a_checkpoint_file_and_a_changed_learning_rate(tmp_path, cap
     config = tiny_config(tmp_path, ckpt_every=1)
     out = tmp_path / "run"
     assert run([config, "--out", str(out), "--max-steps", "2", "--no-bar"])[0] == 0
+    # The config given again names no data: the run's own (recorded) data is used.
     code, trainer = run([config, "--resume", str(out / "checkpoints" / "step-1.ckpt"), "--max-steps", "2",
-                         "--no-bar", "train.learning_rate=3e-4"])
+                         "--no-bar", "train.learning_rate=3e-4", "data.path=null"])
+    assert trainer.cfg.data.path == "builtin"
     assert code == 0 and trainer.step == 2 and trainer.run_dir == str(out)
     assert trainer.opt_g.param_groups[0]["lr"] == pytest.approx(3e-4)
     assert "resumed from" in capsys.readouterr().out

@@ -88,6 +88,25 @@ def resolve_config(config_path: Optional[str], overrides: List[str], resume):
     raise UserError(f"--resume {resume.path}: no config.yaml next to it; pass the config file as well")
 
 
+def stored_data_path(resume) -> Optional[str]:
+    """``data.path`` of the run being resumed (set from its ``--data``), if it recorded one."""
+    if resume.kind == "checkpoint":
+        import yaml
+
+        from train.checkpoint import load_state
+
+        text = load_state(resume.path).get("config")
+        data = (yaml.safe_load(text) or {}).get("data") if text else None
+        return (data or {}).get("path")
+    if resume.config_path:
+        import yaml
+
+        with open(resume.config_path, encoding="utf-8") as fh:
+            data = (yaml.safe_load(fh) or {}).get("data")
+        return (data or {}).get("path") if isinstance(data, dict) else None
+    return None
+
+
 def default_run_dir(name: str) -> str:
     """taming's naming: logs/<YYYY-mm-ddTHH-MM-SS>_<name>."""
     now = datetime.datetime.now().strftime("%Y-%m-%dT%H-%M-%S")
@@ -143,6 +162,8 @@ def run(argv: List[str]):
     if args.data is not None:
         # Recorded in the run's config.yaml, so a resume needs no --data.
         cfg.data.path = args.data if args.data == "builtin" else os.path.abspath(args.data)
+    elif resume is not None and cfg.data.path is None:
+        cfg.data.path = stored_data_path(resume)
 
     from train.data import resolve_data
 
