@@ -30,6 +30,7 @@ from typing import Dict, List
 import torch
 
 from train.errors import UserError
+from train.evaluate import psnr  # the metric python -m train eval reports
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 DEMO_CONFIG = os.path.join(ROOT, "configs", "demo_emavq.json")
@@ -51,12 +52,6 @@ def _positive(kind):
             raise argparse.ArgumentTypeError(f"{text!r} must be > 0")
         return value
     return parse
-
-
-def psnr(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-    """Per-image PSNR in dB of images in [-1, 1] (compared on the [0, 1] scale)."""
-    mse = (((x.clamp(-1, 1) - y.clamp(-1, 1)) / 2) ** 2).flatten(1).mean(1)
-    return 10 * torch.log10(1.0 / mse.clamp_min(1e-10))
 
 
 @torch.no_grad()

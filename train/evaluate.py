@@ -69,8 +69,7 @@ SPLITS = ("val", "train")
 
 def psnr(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
     """Per-image PSNR in dB of images in [-1, 1] (compared on the [0, 1] scale)."""
-    mse = (((x.clamp(-1, 1) - y.clamp(-1, 1)) / 2) ** 2).flatten(1).mean(1)
-    return 10 * torch.log10(1.0 / mse.clamp_min(1e-10))
+    return pixel_errors(x, y)["psnr"]
 
 
 def pixel_errors(x: torch.Tensor, y: torch.Tensor) -> Dict[str, torch.Tensor]:
