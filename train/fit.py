@@ -68,10 +68,13 @@ def split_items(items: List[str]) -> Tuple[Optional[str], List[str]]:
 def resolve_config(config_path: Optional[str], overrides: List[str], resume):
     """The run's typed config: CONFIG + overrides, or (resuming without CONFIG) the
     checkpoint's own resolved config + overrides."""
-    from train.config import apply_overrides, config_from_dict, load_config
+    from train.config import apply_overrides, config_from_dict
+    from train.validate import load_checked
 
     if config_path is not None:
-        return load_config(config_path, overrides)
+        # Every validation error stops here, all at once, with its fix (e.g. seed 002's
+        # vqvae2 + EMAVQ mismatch) instead of training the wrong model.
+        return load_checked(config_path, overrides)
     if resume is None:
         raise UserError("fit: no config file given; usage: python -m train fit CONFIG [--data PATH] "
                         "[--out RUN_DIR] [--max-steps N] [--resume RUN_DIR|CKPT] [key=value ...]")
@@ -84,7 +87,7 @@ def resolve_config(config_path: Optional[str], overrides: List[str], resume):
         if text:
             return config_from_dict(apply_overrides(yaml.safe_load(text), overrides))
     if resume.config_path:
-        return load_config(resume.config_path, overrides)
+        return load_checked(resume.config_path, overrides)
     raise UserError(f"--resume {resume.path}: no config.yaml next to it; pass the config file as well")
 
 
