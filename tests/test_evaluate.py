@@ -36,10 +36,17 @@ def run_cli(argv, capsys):
     return code, out, err
 
 
+def strict_json(text):
+    """json.loads that refuses NaN / Infinity (not JSON, though Python writes them)."""
+    def refuse(name):
+        raise AssertionError(f"{name} in the JSON output")
+    return json.loads(text, parse_constant=refuse)
+
+
 def eval_json(argv, capsys):
     code, out, err = run_cli(["eval", *argv, "--json"], capsys)
     assert code == 0, err
-    return json.loads(out)
+    return strict_json(out)
 
 
 def reference_metrics(images, recs):
@@ -162,16 +169,21 @@ def test_usage_counts_of_known_indices():
     assert_metrics(result, reference_metrics(images, images * 0.5))
 
 
-def test_known_codebook_end_to_end(tmp_path, tiny_ddconfig, capsys):
-    """A TamingVQGAN EMAVQ whose codes all lie far away except code 5: every position uses 5."""
-    config = tmp_path / "emavq.json"
+def emavq_config(folder, ddconfig):
+    """A tiny TamingVQGAN EMAVQ config (32 codes of 8 dims, 8x8 latents at 32 px)."""
+    config = folder / "emavq.json"
     config.write_text(json.dumps({
         "name": "known", "model_type": "TamingVQGAN", "model_variant": "EMAVQ",
-        "model_args": {"embed_dim": 8, "n_embed": 32, "ddconfig": tiny_ddconfig},
+        "model_args": {"embed_dim": 8, "n_embed": 32, "ddconfig": ddconfig},
         "lossconfig": {"target": TAMING_LOSS, "params": {"perceptual_weight": 0.0}},
         "train": {"use_gan": False, "learning_rate": 1e-4, "batch_size": 3},
         "data": {"path": "builtin", "image_size": 32}}))
-    cfg = load_config(str(config))
+    return load_config(str(config))
+
+
+def test_known_codebook_end_to_end(tmp_path, tiny_ddconfig, capsys):
+    """A TamingVQGAN EMAVQ whose codes all lie far away except code 5: every position uses 5."""
+    cfg = emavq_config(tmp_path, tiny_ddconfig)
     torch.manual_seed(0)
     model = build_model(cfg)
     with torch.no_grad():
@@ -191,6 +203,18 @@ def test_known_codebook_end_to_end(tmp_path, tiny_ddconfig, capsys):
         recs, _, idx = model(images, return_pred_indices=True)
     assert bool((idx == 5).all())
     assert_metrics(report, reference_metrics(images, recs))
+
+
+def test_non_finite_reconstructions_exit_1_with_null_metrics(tmp_path, tiny_ddconfig, capsys):
+    cfg = emavq_config(tmp_path, tiny_ddconfig)
+    model = build_model(cfg)
+    with torch.no_grad():
+        model.decoder.conv_out.bias.fill_(float("nan"))
+    folder = save_weights_folder(tmp_path / "nan", cfg, model)
+    code, out, err = run_cli(["eval", folder, "--num-images", "2", "--json"], capsys)
+    assert code == 1 and "non-finite" in err
+    report = strict_json(out)     # NaN is written as null
+    assert report["psnr"] is None and report["mse"] is None and report["num_images"] == 2
 
 
 def test_lpips_with_a_vgg16_file_and_skip_reasons(vqvae2_run, tmp_path, capsys):
@@ -271,6 +295,7 @@ def test_folder_data_subsets_notes_and_determinism(vqvae2_run, tmp_path, capsys)
     (lambda run, tmp: ["eval", str(run), "--data", str(tmp / "junk")], "no readable image"),
     (lambda run, tmp: ["eval", str(run), "--data", str(tmp / "missing")], "no such file or folder"),
     (lambda run, tmp: ["eval", str(tmp / "junk.ckpt")], "not a readable training checkpoint"),
+    (lambda run, tmp: ["eval", str(tmp / "lightning.ckpt")], "python -m train migrate"),
     (lambda run, tmp: ["eval", str(run), "--num-images", "0"], "must be >= 1"),
     (lambda run, tmp: ["eval", str(run), "--split", "test"], "invalid choice"),
     (lambda run, tmp: ["eval"], "one SOURCE expected"),
@@ -282,6 +307,7 @@ def test_unusable_input_exits_2_with_one_line(vqvae2_run, tmp_path, capsys, make
     (tmp_path / "junk").mkdir()
     (tmp_path / "junk" / "a.png").write_bytes(b"\x89PNG broken")
     (tmp_path / "junk.ckpt").write_bytes(b"truncated")
+    torch.save({"state_dict": {"encoder.conv_in.weight": torch.zeros(1)}, "global_step": 3}, tmp_path / "lightning.ckpt")
     code, out, err = run_cli(make_argv(vqvae2_run, tmp_path), capsys)
     assert code == 2
     lines = err.strip().splitlines()

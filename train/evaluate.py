@@ -50,7 +50,7 @@ import math
 import os
 import sys
 import time
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, replace
 from typing import Any, Dict, Iterable, List, Optional, Sequence, Tuple
 
 import torch
@@ -129,7 +129,6 @@ class EvalSource:
     weights: str                    # the file the weights come from
     config_path: Optional[str]      # config.yaml used (None: the config inside the checkpoint)
     step: Optional[int] = None
-    notes: List[str] = field(default_factory=list)
 
 
 def _config_next_to(path: str) -> Optional[str]:
@@ -211,7 +210,11 @@ def load_source(source: EvalSource, overrides: Sequence[str] = ()):
     if source.weights.endswith(".safetensors"):
         source.step = _safetensors_step(source.weights)
         return load_config(source.config_path, overrides), _load_safetensors(source.weights)
-    state = load_state(source.weights)
+    try:
+        state = load_state(source.weights)
+    except UserError as exc:
+        # load_state speaks to `fit --resume`; the same fix reads differently for eval.
+        raise UserError(str(exc).replace("resume from its output folder", "evaluate its output folder")) from None
     source.step = int(state.get("global_step") or 0)
     if source.config_path is not None:
         cfg = load_config(source.config_path, overrides)
@@ -450,7 +453,7 @@ def evaluate(source: str, data: Optional[str] = None, split: str = "val", num_im
         # e.g. an image size the model cannot take (vqvae2: multiples of 8; DinoVQ: img_size)
         raise UserError(f"eval: the model cannot reconstruct these images ({exc}); set data.image_size=N") from None
 
-    notes = list(src.notes) + [n for n in (data_note, count_note) if n]
+    notes = [n for n in (data_note, count_note) if n]
     if spec.unreadable:
         notes.append(f"{len(spec.unreadable)} unreadable file(s) left out (e.g. {spec.unreadable[0]})")
     report = {
