@@ -260,3 +260,27 @@ def test_bf16_autocast_and_epochs_to_steps(tmp_path):
     data = resolve_data(cfg)
     assert len(data.paths) == 7
     assert Trainer(cfg, data, None).max_steps == 4
+
+
+def test_weight_decay_spares_norms_biases_and_codebooks(tmp_path):
+    from train.config import load_config
+    from train.data import resolve_data
+    from train.trainer import Trainer
+
+    config = tiny_config(tmp_path, variant="VQ", use_gan=True)
+    cfg = load_config(config, ["train.weight_decay=0.1"])
+    trainer = Trainer(cfg, resolve_data(cfg), None)
+    names = {id(p): n for n, p in trainer.model.named_parameters()}
+    for opt, module_names in ((trainer.opt_g, names),
+                              (trainer.opt_d, {id(p): n for n, p in trainer.discriminator.named_parameters()})):
+        assert isinstance(opt, torch.optim.AdamW)
+        decayed = {module_names[id(p)] for g in opt.param_groups if g["weight_decay"] > 0 for p in g["params"]}
+        spared = {module_names[id(p)] for g in opt.param_groups if g["weight_decay"] == 0 for p in g["params"]}
+        assert decayed and spared
+        assert all(p.ndim > 1 for g in opt.param_groups if g["weight_decay"] > 0 for p in g["params"])
+        assert not any(n.endswith(".bias") or ".norm" in n or "quantize.embedding" in n for n in decayed), decayed
+    assert "quantize.embedding.weight" in {names[id(p)] for g in trainer.opt_g.param_groups for p in g["params"]}
+    # without weight decay: taming's plain Adam, one group
+    cfg = load_config(config)
+    plain = Trainer(cfg, resolve_data(cfg), None)
+    assert type(plain.opt_g) is torch.optim.Adam and len(plain.opt_g.param_groups) == 1
