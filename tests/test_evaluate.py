@@ -215,6 +215,10 @@ def test_non_finite_reconstructions_exit_1_with_null_metrics(tmp_path, tiny_ddco
     assert code == 1 and "non-finite" in err
     report = strict_json(out)     # NaN is written as null
     assert report["psnr"] is None and report["mse"] is None and report["num_images"] == 2
+    # An image size the decoder does not give back (18 px in, 16 px out): exit 2, one line.
+    code, _, err = run_cli(["eval", folder, "data.image_size=18"], capsys)
+    assert code == 2 and "cannot reconstruct 18 px images (18x18 px in, 16x16 px out)" in err
+    assert len(err.strip().splitlines()) == 1
 
 
 def test_lpips_with_a_vgg16_file_and_skip_reasons(vqvae2_run, tmp_path, capsys):

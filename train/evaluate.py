@@ -267,8 +267,9 @@ def eval_data(cfg, data_arg: Optional[str], split: str):
 
 
 def eval_indices(spec, num_images: Optional[int], seed: int) -> Tuple[List[int], Optional[str]]:
-    """Sample numbers of ``ImageCrops`` to evaluate: distinct files for folders and lists, as
-    many crops as asked for the built-in photographs (their crops are random)."""
+    """What to evaluate: file indices for folders and lists (every file, or a fixed random
+    subset), sample numbers of ``ImageCrops`` for the built-in photographs (as many random
+    crops as asked)."""
     import numpy as np
 
     n_files = len(spec.paths)
@@ -392,6 +393,8 @@ def run_model(model, batches: Iterable[Dict[str, torch.Tensor]], device: torch.d
                     continue
                 x = batch["image"].to(device)
                 xrec, codes = reconstruct_with_codes(model, x)
+                if tuple(xrec.shape) != tuple(x.shape):
+                    raise ValueError("{}x{} px in, {}x{} px out".format(*x.shape[-2:], *xrec.shape[-2:]))
                 xrec = xrec.float()
                 for key, value in pixel_errors(x, xrec).items():
                     sums[key] += float(value.double().sum())
@@ -451,7 +454,10 @@ def evaluate(source: str, data: Optional[str] = None, split: str = "val", num_im
                             lpips=lpips_module, seed=seed)
     except ValueError as exc:
         # e.g. an image size the model cannot take (vqvae2: multiples of 8; DinoVQ: img_size)
-        raise UserError(f"eval: the model cannot reconstruct these images ({exc}); set data.image_size=N") from None
+        raise UserError(f"eval: the model cannot reconstruct {spec.image_size} px images ({exc}); "
+                        "set data.image_size=N to a size it was trained for") from None
+    except torch.cuda.OutOfMemoryError:
+        raise UserError(f"eval: out of GPU memory at batch size {bs}; pass a smaller --batch-size") from None
 
     notes = [n for n in (data_note, count_note) if n]
     if spec.unreadable:
