@@ -12,7 +12,6 @@ import io
 import json
 import os
 import sys
-import types
 
 import numpy as np
 import pytest
@@ -343,16 +342,9 @@ def test_dinovq_reconstruction_metrics_without_a_teacher(tmp_path, capsys):
 
 @pytest.fixture(scope="module")
 def upstream_vqgan():
-    """The real ``taming.models.vqgan`` module through a pytorch_lightning 2.x shim (tests only)."""
-    import pytorch_lightning.utilities as plu
+    from conftest import import_upstream_vqgan
 
-    if "pytorch_lightning.utilities.distributed" not in sys.modules:
-        shim = types.ModuleType("pytorch_lightning.utilities.distributed")
-        shim.rank_zero_only = plu.rank_zero_only
-        sys.modules["pytorch_lightning.utilities.distributed"] = shim
-    import taming.models.vqgan as vqgan
-
-    return vqgan
+    return import_upstream_vqgan()
 
 
 def test_migrated_folder_matches_the_upstream_model(tmp_path, tiny_ddconfig, upstream_vqgan, capsys):

@@ -13,7 +13,6 @@ import json
 import os
 import subprocess
 import sys
-import types
 
 import pytest
 import torch
@@ -34,16 +33,9 @@ DUMMY_LOSS = {"target": "taming.modules.losses.vqperceptual.DummyLoss"}
 
 @pytest.fixture(scope="module")
 def upstream():
-    """The real ``taming.models.vqgan`` module, importable through a PL-2.x shim (tests only)."""
-    import pytorch_lightning.utilities as plu
+    from conftest import import_upstream_vqgan
 
-    if "pytorch_lightning.utilities.distributed" not in sys.modules:
-        shim = types.ModuleType("pytorch_lightning.utilities.distributed")
-        shim.rank_zero_only = plu.rank_zero_only
-        sys.modules["pytorch_lightning.utilities.distributed"] = shim
-    import taming.models.vqgan as vqgan
-
-    return vqgan
+    return import_upstream_vqgan()
 
 
 @pytest.fixture

@@ -7,8 +7,6 @@ Lightning 2.x); the ``upstream`` fixture inserts a shim module for it -- in test
 """
 import contextlib
 import io
-import sys
-import types
 
 import numpy as np
 import pytest
@@ -30,16 +28,9 @@ TEMP_SCHED = {"target": "taming.lr_scheduler.LambdaWarmUpCosineScheduler",
 
 @pytest.fixture(scope="module")
 def upstream():
-    """The real ``taming.models.vqgan`` module, importable through a PL-2.x shim."""
-    import pytorch_lightning.utilities as plu
+    from conftest import import_upstream_vqgan
 
-    if "pytorch_lightning.utilities.distributed" not in sys.modules:
-        shim = types.ModuleType("pytorch_lightning.utilities.distributed")
-        shim.rank_zero_only = plu.rank_zero_only
-        sys.modules["pytorch_lightning.utilities.distributed"] = shim
-    import taming.models.vqgan as vqgan
-
-    return vqgan
+    return import_upstream_vqgan()
 
 
 def quiet(fn, *args, **kwargs):

@@ -5,6 +5,7 @@ Each command lives in its own module and exposes ``cli_main(argv) -> int``.  Exi
 """
 from __future__ import annotations
 
+import argparse
 import importlib
 import sys
 from typing import List, Optional
@@ -19,6 +20,25 @@ COMMANDS = {
     "extract-features": ("train.features", "cache DINO teacher features for DinoVQ"),
     "demo": ("train.demo", "train a small EMAVQ on built-in photos for a few minutes (make demo)"),
 }
+
+class CommandParser(argparse.ArgumentParser):
+    """argparse that reports a bad command line as one UserError line (exit 2), not usage text."""
+
+    def error(self, message):
+        command = self.prog.replace("python -m train ", "")
+        raise UserError(f"{command}: {message} (see {self.prog} --help)")
+
+
+def positive_int(text: str) -> int:
+    """argparse type: a whole number >= 1."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"{text!r} must be >= 1")
+    return value
+
 
 USAGE = "usage: python -m train {" + ",".join(COMMANDS) + "} ...\n\n" + "\n".join(
     f"  {name:<17} {help_}" for name, (_, help_) in COMMANDS.items())

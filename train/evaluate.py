@@ -55,6 +55,7 @@ from typing import Any, Dict, Iterable, List, Optional, Sequence, Tuple
 
 import torch
 
+from train.cli import CommandParser, positive_int
 from train.errors import UserError
 
 # Crops of the built-in photographs when --num-images is not given (the demo's count).
@@ -539,25 +540,8 @@ def write_json(report: Dict[str, Any], path: str) -> None:
 # ----------------------------------------------------------------------------------------
 # Command line
 
-class _Parser(argparse.ArgumentParser):
-    """argparse that reports bad values as one UserError line (exit 2)."""
-
-    def error(self, message):
-        raise UserError(f"eval: {message} (see python -m train eval --help)")
-
-
-def _positive_int(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"{text!r} must be >= 1")
-    return value
-
-
 def build_parser() -> argparse.ArgumentParser:
-    p = _Parser(prog="python -m train eval",
+    p = CommandParser(prog="python -m train eval",
                 description="Reconstruction metrics (PSNR, MSE, L1, LPIPS, codebook usage) of a checkpoint.")
     p.add_argument("items", nargs="*", metavar="SOURCE [key=value ...]",
                    help="run folder, checkpoint file or migrated folder, then config overrides")
@@ -565,9 +549,9 @@ def build_parser() -> argparse.ArgumentParser:
                                   "(default: the config's held-out data)")
     p.add_argument("--split", choices=SPLITS, default="val",
                    help="val: held-out images (default); train: the training images")
-    p.add_argument("--num-images", type=_positive_int,
+    p.add_argument("--num-images", type=positive_int,
                    help=f"images to evaluate (default: every file; builtin: {BUILTIN_CROPS} crops)")
-    p.add_argument("--batch-size", type=_positive_int, help="images per forward (default train.batch_size)")
+    p.add_argument("--batch-size", type=positive_int, help="images per forward (default train.batch_size)")
     p.add_argument("--seed", type=int, default=EVAL_SEED, help=f"seed of the crops (default {EVAL_SEED})")
     p.add_argument("--vgg", help="torchvision vgg16 state-dict file for LPIPS (default train.vgg_ckpt_path "
                                  "or the torch hub cache)")

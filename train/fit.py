@@ -24,33 +24,17 @@ import os
 import sys
 from typing import List, Optional, Tuple
 
+from train.cli import CommandParser, positive_int
 from train.errors import UserError
 
 
-class _Parser(argparse.ArgumentParser):
-    """argparse that reports bad values as one UserError line (exit 2) instead of usage text."""
-
-    def error(self, message):
-        raise UserError(f"fit: {message} (see python -m train fit --help)")
-
-
-def _positive_int(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"{text!r} must be >= 1")
-    return value
-
-
 def build_parser() -> argparse.ArgumentParser:
-    p = _Parser(prog="python -m train fit", description="Train a VQ tokenizer from a config.")
+    p = CommandParser(prog="python -m train fit", description="Train a VQ tokenizer from a config.")
     p.add_argument("items", nargs="*", metavar="CONFIG [key=value ...]",
                    help="config file, then overrides such as train.batch_size=4")
     p.add_argument("--data", help="image folder, file list (one path per line) or 'builtin'")
     p.add_argument("--out", help="run folder (default logs/<timestamp>_<name>/)")
-    p.add_argument("--max-steps", type=_positive_int, help="train up to this global step")
+    p.add_argument("--max-steps", type=positive_int, help="train up to this global step")
     p.add_argument("--resume", help="run folder, checkpoint file, or migrated folder to continue from")
     p.add_argument("--no-bar", action="store_true", help="plain log lines even on a terminal")
     return p
