@@ -37,6 +37,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from adapters.distributed import all_reduce_sum_
+from adapters.ema_quantizer import pick_code_vectors
 from train.errors import UserError
 
 # Defaults in one visible place (ViT-B / VQ-KD scale).
@@ -114,6 +115,15 @@ class EMACodebook(nn.Module):
         commitment = F.mse_loss(z, z_q.detach())
         z_q = z + (z_q - z).detach()   # straight-through estimator
         return z_q, commitment, indices.view(z.shape[:-1])
+
+    @torch.no_grad()
+    def init_from_vectors(self, vectors: torch.Tensor, seed: int = 0) -> None:
+        """Data-dependent start (``train.init_codebook_from_data``): each code is one of the
+        l2-normalised ``vectors`` (N, dim), counted once (see ``adapters/ema_quantizer.py``)."""
+        chosen = F.normalize(pick_code_vectors(vectors.reshape(-1, self.dim), self.num_codes, seed).float(), dim=-1)
+        self.embedding.copy_(chosen.to(self.embedding))
+        self.embed_avg.copy_(chosen.to(self.embed_avg))
+        self.cluster_size.fill_(1.0)
 
     @torch.no_grad()
     def _ema_update(self, flat: torch.Tensor, indices: torch.Tensor) -> None:
@@ -222,6 +232,22 @@ class DinoVQModel(nn.Module):
     @property
     def codebook_sizes(self) -> Tuple[int]:
         return (self.codebook_size,)
+
+    @torch.no_grad()
+    def init_codebook_from_data(self, images: torch.Tensor, seed: int = 0, batch_size: int = 16) -> Tuple[int]:
+        """Start the EMA codebook from encoder outputs of ``images`` (one distinct random
+        code-space vector per code, counted once); eval mode, ``batch_size`` images at a
+        time.  Returns the number of vectors drawn from."""
+        was_training = self.training
+        self.eval()
+        try:
+            device = next(self.parameters()).device
+            flat = torch.cat([self.encode(images[i:i + batch_size].to(device)).reshape(-1, self.codebook_dim)
+                              for i in range(0, images.shape[0], batch_size)]).float()
+        finally:
+            self.train(was_training)
+        self.quantize.init_from_vectors(flat, seed)
+        return (int(flat.shape[0]),)
 
     def get_last_layer(self) -> torch.Tensor:
         return self.pixel_head.weight

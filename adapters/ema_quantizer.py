@@ -37,6 +37,18 @@ Differences from upstream, on purpose:
 
 Every rank must call ``forward`` in training mode the same number of times (the update
 contains a collective), which DDP training does anyway.
+
+Opt-in data-dependent start (``train.init_codebook_from_data``, beyond upstream):
+:func:`pick_code_vectors` + ``EMACodebook.init_from_vectors`` give every code one distinct
+random encoder output and a count of 1 (``weight = embed_avg = vector``, ``cluster_size =
+1``), as if each code had already been assigned that one vector.  Upstream's start
+(N(0, 1) codes, zero counts) leaves every code the first batch does not pick with a count
+that decays towards zero, and the Laplace smoothing then divides its ``embed_avg`` by
+almost nothing: the code is thrown far away and never picked again (collapse to a few
+codes within a few steps on real images).  Starting codebooks from data is the usual
+remedy: SoundStream (Zeghidour et al. 2021) runs k-means on the first batch; Jukebox
+(Dhariwal et al. 2020) re-draws dead codes from random encoder outputs, which is the
+cheaper choice taken here.
 """
 from __future__ import annotations
 
@@ -48,6 +60,27 @@ import torch.nn.functional as F
 from torch import nn
 
 from adapters.distributed import all_reduce_sum_
+
+
+class TooFewVectors(ValueError):
+    """Fewer encoder outputs than codes were given to a data-dependent codebook start."""
+
+    def __init__(self, needed: int, got: int):
+        super().__init__(f"a data-dependent codebook start needs at least {needed} encoder outputs "
+                         f"(one per code), got {got}")
+        self.needed, self.got = int(needed), int(got)
+
+
+def pick_code_vectors(vectors: torch.Tensor, n_codes: int, seed: int) -> torch.Tensor:
+    """``n_codes`` rows of ``vectors`` (N, dim) at distinct random positions.
+
+    The draw uses a private ``torch.Generator`` so it never moves the global RNG (whose
+    state a resumable run checkpoints).
+    """
+    if vectors.shape[0] < n_codes:
+        raise TooFewVectors(n_codes, vectors.shape[0])
+    pick = torch.randperm(vectors.shape[0], generator=torch.Generator().manual_seed(int(seed)))[:n_codes]
+    return vectors[pick.to(vectors.device)]
 
 
 class EMACodebook(nn.Module):
@@ -79,6 +112,16 @@ class EMACodebook(nn.Module):
         # leaving the total mass n unchanged.
         smoothed = (self.cluster_size + self.eps) / (n + self.n_embed * self.eps) * n
         self.weight.copy_(self.embed_avg / smoothed.unsqueeze(1))
+
+    @torch.no_grad()
+    def init_from_vectors(self, vectors: torch.Tensor, seed: int = 0) -> None:
+        """Data-dependent start (module docstring): each code is one of ``vectors`` (N, dim)
+        and counts as having seen it once."""
+        chosen = pick_code_vectors(vectors.reshape(-1, self.embed_dim), self.n_embed, seed)
+        chosen = chosen.to(device=self.weight.device, dtype=self.weight.dtype)
+        self.weight.copy_(chosen)
+        self.embed_avg.copy_(chosen)
+        self.cluster_size.fill_(1.0)
 
     def extra_repr(self) -> str:
         return f"{self.n_embed}, {self.embed_dim}, decay={self.decay}, eps={self.eps}"

@@ -214,6 +214,32 @@ class TamingVQGAN(nn.Module):
         parts += [self.quant_conv, self.post_quant_conv]
         return [p for part in parts for p in part.parameters()]
 
+    @torch.no_grad()
+    def init_codebook_from_data(self, images: torch.Tensor, seed: int = 0, batch_size: int = 16) -> Tuple[int]:
+        """EMAVQ only: start the EMA codebook from encoder outputs of ``images`` (B, 3, H, W).
+
+        Each code takes one distinct random pre-quantization vector and a count of 1 (see
+        ``adapters/ema_quantizer.py``; ``train.init_codebook_from_data``).  The encoder runs
+        in eval mode (no dropout, no RNG use), ``batch_size`` images at a time.  Returns the
+        number of vectors drawn from, per codebook.  Raises ``TooFewVectors`` when the
+        images give fewer vectors than codes.
+        """
+        if not self.uses_ema_codebook:
+            raise UserError(f"train.init_codebook_from_data is for EMA codebooks; TamingVQGAN {self.variant} "
+                            "learns its codebook by gradients. Set train.init_codebook_from_data=false "
+                            "(or use model_variant EMAVQ)")
+        was_training = self.training
+        self.eval()
+        try:
+            device = next(self.parameters()).device
+            chunks = [self.encode_to_prequant(images[i:i + batch_size].to(device)).float()
+                      for i in range(0, images.shape[0], batch_size)]
+        finally:
+            self.train(was_training)
+        flat = torch.cat([z.permute(0, 2, 3, 1).reshape(-1, self.embed_dim) for z in chunks])
+        self.quantize.embedding.init_from_vectors(flat, seed)
+        return (int(flat.shape[0]),)
+
     # ---- taming's API ------------------------------------------------------------------
     def encode_to_prequant(self, x: torch.Tensor) -> torch.Tensor:
         return self.quant_conv(self.encoder(x))

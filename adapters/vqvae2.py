@@ -45,6 +45,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from adapters.distributed import all_reduce_sum_
+from adapters.ema_quantizer import pick_code_vectors
 from train.errors import UserError
 
 log = logging.getLogger(__name__)
@@ -115,6 +116,16 @@ class Quantize(nn.Module):
         # Laplace smoothing keeps unused codes from dividing by zero; total mass kept at n.
         smoothed = (self.cluster_size + self.eps) / (n + self.n_embed * self.eps) * n
         self.embed.copy_(self.embed_avg / smoothed.unsqueeze(0))
+
+    @torch.no_grad()
+    def init_from_vectors(self, vectors: torch.Tensor, seed: int = 0) -> None:
+        """Data-dependent start (``train.init_codebook_from_data``): each code is one of
+        ``vectors`` (N, dim), counted once (see ``adapters/ema_quantizer.py``)."""
+        chosen = pick_code_vectors(vectors.reshape(-1, self.dim), self.n_embed, seed)
+        chosen = chosen.t().to(device=self.embed.device, dtype=self.embed.dtype)   # (dim, n_embed)
+        self.embed.copy_(chosen)
+        self.embed_avg.copy_(chosen)
+        self.cluster_size.fill_(1.0)
 
     def embed_code(self, ids: torch.Tensor) -> torch.Tensor:
         """Code ids (...) -> code vectors (..., dim)."""
@@ -257,6 +268,38 @@ class VQVAE2(nn.Module):
         quant_t = self.quantize_t.embed_code(code_t).permute(0, 3, 1, 2)
         quant_b = self.quantize_b.embed_code(code_b).permute(0, 3, 1, 2)
         return self.decode(quant_t, quant_b)
+
+    @torch.no_grad()
+    def init_codebook_from_data(self, images: torch.Tensor, seed: int = 0,
+                                batch_size: int = 16) -> Tuple[int, int]:
+        """Start both EMA codebooks from encoder outputs of ``images`` (B, C, H, W).
+
+        The top codebook first, from ``quantize_conv_t`` outputs; the bottom one then from
+        ``quantize_conv_b`` outputs computed with the new top codes, the inputs it will see
+        in training.  Each code takes one distinct random vector and a count of 1.  Eval
+        mode throughout (no EMA update, no RNG use).  Returns the number of vectors drawn
+        from per level (top, bottom); ``TooFewVectors`` when a level gets fewer than codes.
+        """
+        was_training = self.training
+        self.eval()
+        try:
+            device = next(self.parameters()).device
+            chunks = [images[i:i + batch_size].to(device) for i in range(0, images.shape[0], batch_size)]
+            enc_b = [self.enc_b(x) for x in chunks]
+            top = [self.quantize_conv_t(self.enc_t(e)).permute(0, 2, 3, 1) for e in enc_b]
+            flat_t = torch.cat([t.reshape(-1, self.embed_dim) for t in top]).float()
+            self.quantize_t.init_from_vectors(flat_t, seed)
+            bottom = []
+            for e, t in zip(enc_b, top):
+                quant_t = self.quantize_t(t)[0].permute(0, 3, 1, 2)
+                joint = torch.cat([self.dec_t(quant_t), e], 1)
+                bottom.append(self.quantize_conv_b(joint).permute(0, 2, 3, 1).reshape(-1, self.embed_dim))
+            flat_b = torch.cat(bottom).float()
+            # A different draw for the second level (the seed alone would pick the same positions).
+            self.quantize_b.init_from_vectors(flat_b, seed + 1)
+        finally:
+            self.train(was_training)
+        return int(flat_t.shape[0]), int(flat_b.shape[0])
 
     def get_last_layer(self) -> torch.Tensor:
         """Weight of the decoder's final transposed conv (for the adaptive GAN weight)."""

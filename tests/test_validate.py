@@ -104,6 +104,12 @@ RULES = [
      "extras.train_args.wandb_project", ["ignored"]),
     ("unknown_model_type", lambda d: _set(d, ["model_type"], "TamingVQGNA"), ERROR, "unknown_model_type",
      "model_type", ["TamingVQGAN"]),
+    ("codebook_init_needs_ema", lambda d: (_set(d, ["model_args", "model_variant"], "VQ"),
+                                           _set(d, ["train_args", "init_codebook_from_data"], True)), ERROR,
+     "codebook_init_needs_ema", "train.init_codebook_from_data", ["EMA", "init_codebook_from_data: false"]),
+    ("codebook_init_overwrites_weights", lambda d: (_set(d, ["model_args", "ckpt_path"], "last.ckpt"),
+                                                    _set(d, ["train_args", "init_codebook_from_data"], True)),
+     ERROR, "codebook_init_overwrites_weights", "train.init_codebook_from_data", ["ckpt_path", "false"]),
 ]
 
 

@@ -12,13 +12,10 @@ the run folder and the held-out reconstruction grid are.
 The demo needs no downloaded weights: its loss is taming's L1 + codebook loss
 (``perceptual_weight: 0``, so no VGG16 file) without the GAN (``use_gan: false``).
 
-One demo-only step, said when it runs: the EMA codebook starts from encoder outputs of
-training crops, each code counted once, instead of upstream's N(0, 1) codes with zero
-counts.  Upstream's start leaves every code that the first batch does not pick with a
-near-zero count, and EMA-VQ's Laplace smoothing then blows that code up so it is never
-picked again (codebook collapse within a few steps); a data-dependent start is the usual
-remedy (SoundStream, Zeghidour et al. 2021, initialises its codebooks from the first batch
-with k-means).
+The demo config turns on ``train.init_codebook_from_data`` (said when it runs): the EMA
+codebook starts from encoder outputs of training crops, each code counted once, instead of
+upstream's N(0, 1) codes with zero counts, which collapse to a handful of codes within a
+few steps on this data (``adapters/ema_quantizer.py`` explains why).
 """
 from __future__ import annotations
 
@@ -79,28 +76,6 @@ def summarize(model, images: torch.Tensor) -> Dict[str, float]:
             "n_codes": n_codes, "perplexity": stats["perplexity"], "reconstructions": xrec}
 
 
-@torch.no_grad()
-def init_codebook_from_data(model, images: torch.Tensor, seed: int = 0) -> int:
-    """Start the EMA codebook from encoder outputs of ``images`` (see the module docstring).
-
-    Each code takes a distinct random encoder output and a count of 1 (``embed_avg = weight``,
-    ``cluster_size = 1``), as if it had already seen that one vector.  Returns the number of
-    vectors drawn from.
-    """
-    device = next(model.parameters()).device
-    z = model.encode_to_prequant(images.to(device))
-    flat = z.permute(0, 2, 3, 1).reshape(-1, z.shape[1])
-    codebook = model.quantize.embedding
-    if flat.shape[0] < codebook.n_embed:
-        raise ValueError(f"need at least {codebook.n_embed} encoder outputs, got {flat.shape[0]}")
-    pick = torch.randperm(flat.shape[0], generator=torch.Generator().manual_seed(seed))[:codebook.n_embed]
-    chosen = flat[pick.to(device)].to(codebook.weight.dtype)
-    codebook.weight.copy_(chosen)
-    codebook.embed_avg.copy_(chosen)
-    codebook.cluster_size.fill_(1.0)
-    return flat.shape[0]
-
-
 def save_comparison(path: str, rows: List[torch.Tensor]) -> str:
     """A PNG with one row per tensor (inputs, before, after), images in [-1, 1]."""
     from torchvision.utils import make_grid, save_image
@@ -141,9 +116,10 @@ def cli_main(argv: List[str]) -> int:
     print(f"demo: {cfg.model_type} {cfg.model_variant} on built-in photographs "
           f"({len(data.paths)} for training; held out: {', '.join(os.path.basename(x) for x in heldout.paths)})")
     print("demo: loss = L1 + codebook loss; perceptual_weight 0 (no VGG16 file needed), use_gan false")
-    drawn = init_codebook_from_data(trainer.model, fixed_crops(data, 32, seed=1), seed=cfg.train.seed)
-    print(f"demo: EMA codebook initialised from {trainer.model.codebook_sizes[0]} of {drawn} encoder outputs "
-          "of training crops (demo-only data-dependent start; upstream's N(0,1) start collapses)")
+    if trainer.codebook_init:
+        print(f"demo: EMA codebook initialised from {trainer.codebook_init['codes'][0]} of "
+              f"{trainer.codebook_init['vectors'][0]} encoder outputs of training crops "
+              "(train.init_codebook_from_data; upstream's N(0,1) start collapses)")
     before = summarize(trainer.model, eval_images)
     print(f"demo: training for up to {args.minutes:g} min (or {trainer.max_steps} steps)")
     result = trainer.fit()
@@ -169,4 +145,4 @@ def cli_main(argv: List[str]) -> int:
     return 0
 
 
-__all__ = ["cli_main", "psnr", "init_codebook_from_data", "summarize"]
+__all__ = ["cli_main", "psnr", "summarize"]

@@ -58,6 +58,11 @@ class TrainSection:
     weight_decay: float = 0.0
     # Random seed for weights, data order and crops.
     seed: int = 23
+    # EMA codebooks only: on a fresh start (never on resume), give each code one random
+    # encoder output of the run's first training crops and a count of 1, instead of
+    # upstream's N(0, 1) codes with zero counts (which collapse to a few codes on real
+    # images).  False keeps upstream's start.
+    init_codebook_from_data: bool = False
     # Print / TensorBoard scalars every N steps.
     log_every: int = 10
     # Write an input/reconstruction PNG grid every N steps.

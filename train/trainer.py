@@ -54,6 +54,10 @@ from train.errors import UserError
 from train.logger import RunLogger
 
 PRECISIONS = ("fp32", "bf16", "fp16")
+# train.init_codebook_from_data: training crops encoded for the start (more when the codes
+# outnumber their encoder outputs), and the most it will ever draw.
+CODEBOOK_INIT_CROPS = 64
+CODEBOOK_INIT_MAX_CROPS = 4096
 
 
 class TrainingStopped(Exception):
@@ -266,6 +270,11 @@ class Trainer:
         self.resumed_from = None
         if resume is not None:
             self.load(resume)
+        # A fresh start only: a resumed run's codebook is the checkpoint's.  It runs before
+        # the per-rank reseed below and draws from no global RNG, so resuming stays exact.
+        self.codebook_init: Optional[Dict[str, object]] = None
+        if t.init_codebook_from_data and resume is None:
+            self.codebook_init = self._init_codebook_from_data()
         # Dropout / Gumbel noise differ per rank from here on; restored RNG states win on resume.
         if resume is None or resume.kind != "checkpoint":
             seed_everything(t.seed + 1000 * self.rank + self.step)
@@ -284,6 +293,42 @@ class Trainer:
             self.net = DDP(self.model, device_ids=ids, broadcast_buffers=False)
         else:
             self.net = self.model
+
+    def _init_codebook_from_data(self) -> Dict[str, object]:
+        """``train.init_codebook_from_data``: the model's EMA codebook(s) start from encoder
+        outputs of the run's first training crops (``adapters/ema_quantizer.py`` says why).
+
+        Every rank encodes the same crops (sample numbers 0..n-1 of the training stream,
+        independent of rank) with the same seed; rank 0's buffers are then broadcast so the
+        codebooks are identical even where GPU kernels are not bit-deterministic.
+        """
+        from adapters.ema_quantizer import TooFewVectors
+        from train.data import fixed_crops
+
+        init = getattr(self.model, "init_codebook_from_data", None)
+        if init is None:
+            raise UserError(f"train.init_codebook_from_data: model_type {self.cfg.model_type} has no EMA codebook "
+                            "to start from data; set train.init_codebook_from_data=false")
+        if (self.cfg.model_args or {}).get("ckpt_path"):
+            raise UserError("train.init_codebook_from_data would replace the codebook loaded from "
+                            "model_args.ckpt_path; set train.init_codebook_from_data=false to keep it")
+        seed, n = int(self.cfg.train.seed), CODEBOOK_INIT_CROPS
+        while True:
+            crops = fixed_crops(self.data, n, seed=seed)
+            try:
+                drawn = init(crops, seed=seed, batch_size=int(self.cfg.train.batch_size))
+                break
+            except TooFewVectors as exc:
+                more = math.ceil(n * exc.needed / max(exc.got, 1))
+                if n >= CODEBOOK_INIT_MAX_CROPS or more > CODEBOOK_INIT_MAX_CROPS:
+                    raise UserError(f"train.init_codebook_from_data: {exc} from {n} crops; the codebook is too "
+                                    f"large for {self.data.image_size}px crops (more than {CODEBOOK_INIT_MAX_CROPS} "
+                                    "crops needed). Use fewer codes or set train.init_codebook_from_data=false") from None
+                n = more
+        if is_distributed():
+            for buf in self.model.buffers():
+                dist.broadcast(buf, src=0)
+        return {"crops": n, "vectors": tuple(drawn), "codes": tuple(self.model.codebook_sizes)}
 
     # ------------------------------------------------------------------------------------
     def fit(self) -> FitResult:
@@ -628,6 +673,12 @@ class Trainer:
                     f"{self.world} process(es)), {self.precision}, {self.device}")
         if self.resumed_from:
             log.message(f"resumed from {self.resumed_from} at step {self.step}")
+        if self.codebook_init:
+            init = self.codebook_init
+            log.message(f"codebook initialised from data (train.init_codebook_from_data): "
+                        f"{' + '.join(map(str, init['codes']))} codes from "
+                        f"{' + '.join(map(str, init['vectors']))} encoder outputs of the first {init['crops']} "
+                        "training crops, each counted once")
         for note in self.notes:
             log.message(f"note: {note}")
         if self.run_dir:

@@ -314,6 +314,24 @@ def rule_gan(data: Dict[str, Any], family: Optional[str], out: List[Finding]) ->
                            "lower disc_start, raise max_steps, or set use_gan: false"))
 
 
+def rule_codebook_init(data: Dict[str, Any], spec, variant: Optional[str], out: List[Finding]) -> None:
+    """train.init_codebook_from_data needs an EMA codebook, and must not replace loaded weights."""
+    if (data.get("train") or {}).get("init_codebook_from_data") is not True or spec is None:
+        return
+    path = "train.init_codebook_from_data"
+    if spec.name == "TamingVQGAN" and variant not in (None, "EMAVQ"):   # None: variant unknown, reported
+        out.append(Finding(ERROR, path, "codebook_init_needs_ema",
+                           f"init_codebook_from_data starts EMA codebooks from data; TamingVQGAN {variant} learns "
+                           "its codebook by gradients and has no EMA statistics to start",
+                           "set train.init_codebook_from_data: false (or model_variant: EMAVQ)",
+                           [(path, False)]))
+    elif (data.get("model_args") or {}).get("ckpt_path"):
+        out.append(Finding(ERROR, path, "codebook_init_overwrites_weights",
+                           "init_codebook_from_data would replace the codebook loaded from model_args.ckpt_path",
+                           "set train.init_codebook_from_data: false to keep the loaded codebook",
+                           [(path, False)]))
+
+
 def rule_taming_model_args(data: Dict[str, Any], variant: Optional[str], out: List[Finding]) -> None:
     args = data.get("model_args") or {}
     for key in ("n_embed", "embed_dim", "ddconfig"):
@@ -516,6 +534,7 @@ def collect(norm: Normalized) -> List[Finding]:
     elif spec is not None and spec.name == "DinoVQ":
         rule_dinovq_model_args(data, out)
     rule_gan(data, family, out)
+    rule_codebook_init(data, spec, variant if spec is not None and spec.variants else None, out)
     rule_extras(norm, out)
     order = {ERROR: 0, WARNING: 1, INFO: 2}
     return sorted(out, key=lambda f: order[f.level])
