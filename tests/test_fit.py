@@ -182,6 +182,11 @@ def test_non_finite_steps_are_skipped_then_stop_the_run(tmp_path):
     (["train.precision=fp8"], "precision"),
     (["--resume", "/no/such/run"], "--resume"),
     (["train.batch_size=0"], "batch_size"),
+    (["train.learning_rate=-1"], "learning_rate"),
+    (["train.learning_rate=nan"], "learning_rate"),
+    (["train.grad_clip=nan"], "grad_clip"),
+    (["train.seed=-5"], "seed"),
+    (["train.num_workers=-1"], "num_workers"),
     (["--bogus-flag"], "--bogus-flag"),
 ])
 def test_bad_command_lines_exit_2_with_one_line(tmp_path, capsys, argv, message):

@@ -110,6 +110,15 @@ RULES = [
     ("codebook_init_overwrites_weights", lambda d: (_set(d, ["model_args", "ckpt_path"], "last.ckpt"),
                                                     _set(d, ["train_args", "init_codebook_from_data"], True)),
      ERROR, "codebook_init_overwrites_weights", "train.init_codebook_from_data", ["ckpt_path", "false"]),
+    ("negative_learning_rate", lambda d: _set(d, ["train_args", "learning_rate"], -1e-4), ERROR, "bad_value",
+     "train.learning_rate", ["positive"]),
+    ("nan_grad_clip", lambda d: _set(d, ["train_args", "grad_clip"], float("nan")), ERROR, "bad_value",
+     "train.grad_clip", ["positive"]),
+    ("negative_weight_decay", lambda d: _set(d, ["train_args", "weight_decay"], -0.1), ERROR, "bad_value",
+     "train.weight_decay", [">= 0"]),
+    ("negative_seed", lambda d: _set(d, ["train_args", "seed"], -5), ERROR, "bad_value", "train.seed", [">= 0"]),
+    ("negative_num_workers", lambda d: _set(d, ["train_args", "num_workers"], -1), ERROR, "bad_value",
+     "train.num_workers", [">= 0"]),
 ]
 
 

@@ -17,6 +17,7 @@ import copy
 import difflib
 import inspect
 import json
+import math
 import os
 import sys
 from dataclasses import asdict, dataclass, field
@@ -314,6 +315,46 @@ def rule_gan(data: Dict[str, Any], family: Optional[str], out: List[Finding]) ->
                            "lower disc_start, raise max_steps, or set use_gan: false"))
 
 
+def rule_train_values(data: Dict[str, Any], out: List[Finding]) -> None:
+    """Values the right type but out of range, which torch / numpy would otherwise reject with
+    a traceback mid-start (``Invalid learning rate: -1.0``, negative seeds, num_workers) or
+    silently turn into NaN weights (``grad_clip: nan``)."""
+    train = data.get("train") or {}
+    if not isinstance(train, dict):
+        return
+
+    def bad(key, message, fix, default_fits=True):
+        # --fix removes the key where the default is a sound value; a learning rate has none.
+        out.append(Finding(ERROR, f"train.{key}", "bad_value", f"train.{key} is {train[key]!r}: {message}",
+                           fix, [(f"train.{key}", DELETE)] if default_fits else []))
+
+    def number(key):
+        # YAML reads "nan" or "1e-4" as text; the typed config turns such text into floats.
+        value = train.get(key)
+        if isinstance(value, str):
+            try:
+                return float(value)
+            except ValueError:
+                return None     # a type error, reported by rule_schema
+        return float(value) if _is_number(value) else None
+
+    for key in ("learning_rate", "base_learning_rate"):
+        value = number(key)
+        if value is not None and not (math.isfinite(value) and value > 0):
+            bad(key, "a learning rate must be a positive number", f"write e.g. {key}: 4.5e-6",
+                default_fits=False)
+    value = number("grad_clip")
+    if value is not None and not (math.isfinite(value) and value > 0):
+        bad("grad_clip", "the clipping norm must be a positive number", "write e.g. grad_clip: 1.0, or null")
+    value = number("weight_decay")
+    if value is not None and not (math.isfinite(value) and value >= 0):
+        bad("weight_decay", "weight decay must be a number >= 0", "write weight_decay: 0.0 (none) or e.g. 0.01")
+    for key in ("seed", "num_workers"):
+        value = train.get(key)
+        if _is_int(value) and value < 0:
+            bad(key, "it must be >= 0", f"write a {key} >= 0")
+
+
 def rule_codebook_init(data: Dict[str, Any], spec, variant: Optional[str], out: List[Finding]) -> None:
     """train.init_codebook_from_data needs an EMA codebook, and must not replace loaded weights."""
     if (data.get("train") or {}).get("init_codebook_from_data") is not True or spec is None:
@@ -534,6 +575,7 @@ def collect(norm: Normalized) -> List[Finding]:
     elif spec is not None and spec.name == "DinoVQ":
         rule_dinovq_model_args(data, out)
     rule_gan(data, family, out)
+    rule_train_values(data, out)
     rule_codebook_init(data, spec, variant if spec is not None and spec.variants else None, out)
     rule_extras(norm, out)
     order = {ERROR: 0, WARNING: 1, INFO: 2}
