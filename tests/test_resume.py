@@ -161,3 +161,20 @@ def test_rng_state_round_trips_through_a_weights_only_file(tmp_path):
     ckpt.atomic_torch_save(state, str(tmp_path / "rng.pt"))
     ckpt.restore_rng(torch.load(tmp_path / "rng.pt", weights_only=True))
     assert (random.random(), float(np.random.rand()), float(torch.rand(1))) == expected
+
+
+@pytest.mark.parametrize("payload, reason", [
+    (b"not a checkpoint", "Unsupported operand"),
+    ("pickled_os_system", "posix.system"),
+])
+def test_unreadable_checkpoint_message_names_the_real_reason_not_torchs_unsafe_advice(tmp_path, payload, reason):
+    path = tmp_path / "last.ckpt"
+    if payload == "pickled_os_system":
+        torch.save({"format": ckpt.FORMAT, "hook": os.system}, path)   # never loaded unsafely here
+    else:
+        path.write_bytes(payload)
+    with pytest.raises(ckpt.UserError) as info:
+        ckpt.load_state(str(path))
+    message = str(info.value)
+    assert reason in message, message
+    assert "weights_only` set to `False`" not in message and "will likely succeed" not in message, message

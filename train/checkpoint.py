@@ -128,12 +128,25 @@ def _as_tuple(value):
 # ----------------------------------------------------------------------------------------
 # Reading
 
+def _load_error_reason(exc: BaseException) -> str:
+    """The line of a ``torch.load(weights_only=True)`` error that says what is wrong.
+
+    torch's message opens with "Weights only load failed ... Re-running `torch.load` with
+    `weights_only` set to `False` will likely succeed": for a corrupt or foreign file that is
+    both wrong and unsafe advice, so the unpickler's own reason is reported instead."""
+    text = str(exc).replace("WeightsUnpickler error:", "\n")
+    lines = [line.strip() for line in text.splitlines() if line.strip()]
+    reasons = [line for line in lines if not line.startswith(("Weights only load failed", "Please file an issue",
+                                                               "Check the documentation of torch.load"))]
+    return (reasons or lines or [type(exc).__name__])[0]
+
+
 def load_state(path: str) -> Dict[str, Any]:
     """Read a ``last.ckpt`` / ``step-N.ckpt`` written by the trainer."""
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:  # noqa: BLE001 - truncated file, wrong format, pickled code
-        first = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+        first = _load_error_reason(exc)
         raise UserError(f"{path}: not a readable training checkpoint ({first}); resume from another "
                         "checkpoint (e.g. checkpoints/step-N.ckpt) or convert old files with "
                         "`python -m train migrate`") from None
@@ -173,7 +186,7 @@ def load_migrated(folder: str) -> Dict[str, Any]:
             extra = torch.load(train_state, map_location="cpu", weights_only=True)
         except Exception as exc:  # noqa: BLE001
             raise UserError(f"{train_state}: cannot be read as a weights-only torch file "
-                            f"({str(exc).splitlines()[0] if str(exc) else type(exc).__name__})") from None
+                            f"({_load_error_reason(exc)})") from None
         if not isinstance(extra, dict):
             raise UserError(f"{train_state}: expected a dict with global_step, epoch, optimizer_states")
         state["global_step"] = int(extra.get("global_step") or 0)
