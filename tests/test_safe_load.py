@@ -270,3 +270,33 @@ def test_tensor_constructor_is_not_callable_from_a_pickle():
     assert issubclass(cls, Placeholder)
     assert isinstance(cls(2 ** 40), Placeholder)
     assert issubclass(resolve_global("torch.nn.parameter", "Parameter"), Placeholder)
+
+
+class _ForgedDtype:
+    """Pickles as a structured dtype with an object field whose "holds objects" flag is cleared."""
+
+    def __reduce__(self):
+        _, args, state = np.dtype([("a", "O")]).__reduce__()
+        return np.dtype, args, state[:-1] + (0,)
+
+
+class _ArrayOfForgedPointers:
+    """Pickles as an array of that dtype whose 8 data bytes would be read as a PyObject*."""
+
+    def __reduce__(self):
+        func, args, state = np.zeros(1, dtype=[("a", "i8")]).__reduce__()
+        return func, args, (state[0], state[1], _ForgedDtype(), state[3], (0x41414141).to_bytes(8, "little"))
+
+
+@pytest.mark.parametrize("payload", [
+    {"state_dict": {"w": torch.zeros(2)}, "hyper_parameters": {"h": _ArrayOfForgedPointers()}},
+    {"state_dict": {"w": torch.zeros(2)}, "x": np.array(["2020-01-01"], dtype="datetime64[s]")},
+    {"state_dict": {"w": torch.zeros(2)}, "x": np.zeros(1, dtype=[("a", "f4")])},
+], ids=["object_field_flag_cleared", "datetime", "structured"])
+def test_numpy_dtypes_beyond_numbers_and_objects_are_refused(tmp_path, payload):
+    # numpy trusts the flags in a pickled dtype's state: the forged one would turn file bytes
+    # into object pointers (a segfault on first access, or code execution with a crafted heap).
+    path = tmp_path / "forged.ckpt"
+    torch.save(payload, path)
+    with pytest.raises(UserError, match="cannot be read.*numpy dtype"):
+        load_checkpoint(path)

@@ -245,12 +245,30 @@ def _numpy_allowlist() -> Dict[Tuple[str, str], Any]:
         allowed[(mod, "scalar")] = multiarray.scalar
         allowed[(mod, "_reconstruct")] = multiarray._reconstruct
     allowed[("numpy", "ndarray")] = np.ndarray
-    allowed[("numpy", "dtype")] = np.dtype
+    allowed[("numpy", "dtype")] = _plain_numpy_dtype
     for dtype_cls in ("Float64DType", "Float32DType", "Float16DType", "Int64DType", "Int32DType",
                       "Int16DType", "Int8DType", "UInt8DType", "BoolDType"):
         if hasattr(getattr(np, "dtypes", None), dtype_cls):
             allowed[("numpy.dtypes", dtype_cls)] = getattr(np.dtypes, dtype_cls)
     return allowed
+
+
+# Numeric and object dtypes only.  pickle's BUILD hands a dtype its state (fields, subarray,
+# flags) from the file, and numpy trusts the flags: a string/void dtype given an object field
+# with the "holds objects" flag cleared reads raw file bytes as object pointers (a crash, or
+# worse, on first access), and datetime dtypes crash on a malformed state.  Builtin numeric
+# dtypes ignore such a state.  Arrays / scalars of other kinds refuse the file.
+_PLAIN_DTYPE_KINDS = "biufcO"
+
+
+def _plain_numpy_dtype(*args):
+    import numpy as np
+
+    dtype = np.dtype(*args)
+    if dtype.kind not in _PLAIN_DTYPE_KINDS or dtype.fields is not None or dtype.subdtype is not None:
+        raise pickle.UnpicklingError(f"numpy dtype {dtype} (kind {dtype.kind!r}) is not loaded from a checkpoint "
+                                     "pickle: only numeric and object arrays are")
+    return dtype
 
 
 def _allowlist() -> Dict[Tuple[str, str], Any]:
