@@ -54,3 +54,12 @@ def test_torchrun_two_ranks_stay_identical(tmp_path):
     assert len(os.listdir(run_dir / "tb")) == 1
     assert output.count("run folder:") == 1
     assert "learning rate" in output
+
+    # Each rank's own random state is in the checkpoint, so a 2-process resume continues
+    # both streams (they differ: every rank was seeded with its rank).
+    import torch
+    state = torch.load(run_dir / "checkpoints" / "last.ckpt", weights_only=True)
+    per_rank = state["rng_per_rank"]
+    assert len(per_rank) == 2
+    assert not torch.equal(per_rank[0]["torch"], per_rank[1]["torch"])
+    assert torch.equal(per_rank[0]["torch"], state["rng"]["torch"])

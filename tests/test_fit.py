@@ -289,3 +289,14 @@ def test_weight_decay_spares_norms_biases_and_codebooks(tmp_path):
     cfg = load_config(config)
     plain = Trainer(cfg, resolve_data(cfg), None)
     assert type(plain.opt_g) is torch.optim.Adam and len(plain.opt_g.param_groups) == 1
+
+
+@pytest.mark.parametrize("override", ["train.learning_rate=-1", "train.grad_clip=.nan", "train.seed=-5",
+                                      "train.weight_decay=-1"])
+def test_resume_without_config_refuses_unusable_train_values(tmp_path, capsys, override):
+    config = tiny_config(tmp_path, use_gan=False)
+    assert run([config, "--out", str(tmp_path / "r"), "--max-steps", "1", "--no-bar"])[0] == 0
+    capsys.readouterr()
+    code = cli(["fit", "--resume", str(tmp_path / "r"), "--max-steps", "2", "--no-bar", override])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 2 and len(err) == 1 and override.split("=")[0] in err[0], err

@@ -100,8 +100,17 @@ def check_train_options(cfg, device: torch.device) -> None:
             raise UserError(f"train.{name} must be >= 1, got {getattr(t, name)}")
     if t.max_steps is not None and t.max_steps < 0:
         raise UserError(f"train.max_steps must be >= 0, got {t.max_steps}")
-    if t.grad_clip is not None and t.grad_clip <= 0:
-        raise UserError(f"train.grad_clip must be > 0 (or null for no clipping), got {t.grad_clip}")
+    if t.grad_clip is not None and not (0 < t.grad_clip < math.inf):
+        raise UserError(f"train.grad_clip must be a finite number > 0 (or null for no clipping), got {t.grad_clip}")
+    for name in ("learning_rate", "base_learning_rate"):
+        value = getattr(t, name)
+        if value is not None and not (0 < value < math.inf):
+            raise UserError(f"train.{name} must be a finite number > 0, got {value}")
+    if not (0 <= t.weight_decay < math.inf):
+        raise UserError(f"train.weight_decay must be a finite number >= 0, got {t.weight_decay}")
+    for name in ("seed", "num_workers"):
+        if getattr(t, name) < 0:
+            raise UserError(f"train.{name} must be >= 0, got {getattr(t, name)}")
     if len(t.adam_betas) != 2 or not all(0 <= b < 1 for b in t.adam_betas):
         raise UserError(f"train.adam_betas must be two numbers in [0, 1), got {list(t.adam_betas)}")
     if cfg.data.image_size < 8:
@@ -565,15 +574,32 @@ class Trainer:
 
     def save(self, keep: bool = False) -> None:
         """Write ``last.ckpt`` + ``last.safetensors`` (rank 0); ``keep`` adds ``step-N.ckpt``."""
-        if not self.is_main or self.run_dir is None:
+        if self.run_dir is None:
             return
         weights = self.model.state_dict()
+        # Every rank checks (the weights are identical on all ranks), so all of them stop
+        # together instead of the others waiting in the next collective for rank 0.
         broken = [k for k, v in weights.items() if v.is_floating_point() and not bool(torch.isfinite(v).all())]
         if broken:
+            previous = self._ckpt_path(ckpt.LAST)
+            kept = (f"the previous checkpoint {previous} is kept" if os.path.isfile(previous)
+                    else "no checkpoint was written")
             raise TrainingStopped(f"not saving step {self.step}: non-finite values in {', '.join(broken[:3])}; "
-                                  f"the previous checkpoint {self._ckpt_path(ckpt.LAST)} is kept")
+                                  f"{kept}")
+        # Each rank's random state (dropout, Gumbel noise differ per rank), so that a
+        # multi-process resume continues every rank's own stream.
+        rng = ckpt.capture_rng()
+        rng_per_rank = [None] * self.world
+        if is_distributed():
+            dist.all_gather_object(rng_per_rank, rng)
+        else:
+            rng_per_rank = [rng]
+        if not self.is_main:
+            return
+        state = self.training_state()
+        state["rng_per_rank"] = rng_per_rank
         os.makedirs(self._ckpt_path(""), exist_ok=True)
-        ckpt.atomic_torch_save(self.training_state(), self._ckpt_path(ckpt.LAST))
+        ckpt.atomic_torch_save(state, self._ckpt_path(ckpt.LAST))
         ckpt.atomic_save_safetensors(weights, self._ckpt_path(ckpt.LAST_WEIGHTS),
                                      metadata={"global_step": str(self.step), "model_type": str(self.cfg.model_type)})
         if keep:
@@ -613,8 +639,13 @@ class Trainer:
         counters = state.get("counters") or {}
         self.bad_steps_total = int(counters.get("bad_steps", 0))
         self.skipped_images = int(counters.get("skipped_images", 0))
-        if exact and state.get("rng"):
+        per_rank = state.get("rng_per_rank") or []
+        if exact and len(per_rank) == self.world and per_rank[self.rank]:
+            ckpt.restore_rng(per_rank[self.rank])
+        elif exact and state.get("rng"):
             ckpt.restore_rng(state["rng"])
+            if self.world > 1:  # a checkpoint from another process count: distinct streams per rank
+                seed_everything(int(self.cfg.train.seed) + 1000 * self.rank + self.step)
         saved_world = state.get("world_size")
         data = state.get("data") or {}
         images_per_step = self.cfg.train.batch_size * self.cfg.train.accumulate_grad_batches * self.world
