@@ -281,3 +281,8 @@ def test_dinovq_rules(tmp_path):
     codes = {(f.code, f.level) for f in findings}
     assert ("image_size_mismatch", ERROR) in codes
     assert ("teacher_weights_missing", WARNING) in codes
+
+
+def test_cli_override_argument_is_named(tmp_path):
+    res = run_cli("configs/demo_emavq.json", "train.batch_size=abc")
+    assert res.returncode == 2 and "not key=value overrides" in res.stderr and "Traceback" not in res.stderr

@@ -708,6 +708,11 @@ def cli_main(argv: Sequence[str]) -> int:
     results: Dict[str, Any] = {}
     worst = 0
     for path in args.paths:
+        if "=" in path and not os.path.exists(path):
+            print(f"error: {path}: validate takes config files only, not key=value overrides; "
+                  "put the value in the file (or pass overrides to fit)", file=sys.stderr)
+            worst = 2
+            continue
         try:
             norm, findings = validate_file(path)
         except UserError as exc:
