@@ -300,3 +300,19 @@ def test_resume_without_config_refuses_unusable_train_values(tmp_path, capsys, o
     code = cli(["fit", "--resume", str(tmp_path / "r"), "--max-steps", "2", "--no-bar", override])
     err = capsys.readouterr().err.strip().splitlines()
     assert code == 2 and len(err) == 1 and override.split("=")[0] in err[0], err
+
+
+def test_signal_handler_only_sets_a_flag(capsys):
+    """The handler may interrupt a log write; it must not write itself (reentrant I/O)."""
+    from train.trainer import GracefulStop
+
+    stop = GracefulStop()
+    with stop:
+        os.kill(os.getpid(), signal.SIGTERM)
+        time.sleep(0.05)
+        assert stop.requested and stop.signal_name == "SIGTERM"
+        out = capsys.readouterr()
+        assert out.out == "" and out.err == ""
+        with pytest.raises(KeyboardInterrupt):   # a second Ctrl-C is impatient
+            os.kill(os.getpid(), signal.SIGINT)
+            time.sleep(0.05)

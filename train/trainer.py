@@ -167,20 +167,22 @@ def state_digest(tensors: Dict[str, torch.Tensor]) -> Dict[str, str]:
 class GracefulStop:
     """SIGTERM / SIGINT set a flag; the loop finishes its step, saves and returns.
 
-    A second SIGINT raises KeyboardInterrupt as usual (for an impatient Ctrl-C).
+    A second SIGINT raises KeyboardInterrupt as usual (for an impatient Ctrl-C).  The
+    handler does no I/O: it may interrupt the main thread in the middle of writing a log
+    line, and writing to the same file from the handler would fail ("reentrant call").
+    The loop reports the signal when it acts on the flag.
     """
 
-    def __init__(self, on_request: Optional[Callable[[str], None]] = None):
+    def __init__(self):
         self.requested = False
-        self.on_request = on_request
+        self.signal_name: Optional[str] = None
         self._saved = {}
 
     def _handle(self, signum, frame):
         if self.requested and signum == signal.SIGINT:
             raise KeyboardInterrupt
         self.requested = True
-        if self.on_request:
-            self.on_request(signal.Signals(signum).name)
+        self.signal_name = signal.Signals(signum).name
 
     def __enter__(self):
         if threading.current_thread() is threading.main_thread():
@@ -361,8 +363,7 @@ class Trainer:
         self.model.train()
         self.calc.train()
 
-        stop = GracefulStop(lambda name: log.message(f"{name} received: finishing step {self.step + 1}, "
-                                                    "saving checkpoints/last.ckpt, then exiting"))
+        stop = GracefulStop()
         with stop:
             while self.max_steps is None or self.step < self.max_steps:
                 step = self.step
@@ -497,6 +498,8 @@ class Trainer:
                 if self.step % t.ckpt_every == 0 and not finished:
                     self.save(keep=True)
                 if any_rank(stop.requested, self.device):
+                    log.message(f"{stop.signal_name or 'a stop signal'} received: step {self.step} is finished; "
+                                "saving checkpoints/last.ckpt, then exiting")
                     stop.requested = True
                     break
                 if self.time_limit_s is not None and any_rank(time.time() - started > self.time_limit_s,
