@@ -79,18 +79,10 @@ def read_state_dict(path: str) -> Dict[str, torch.Tensor]:
     if not isinstance(obj, dict) or not obj or not all(isinstance(v, torch.Tensor) for v in obj.values()):
         raise UserError(f"teacher checkpoint {path!r} holds no state dict of tensors; provide the "
                         "ViT's weights (a DINO / DINOv2 release file or a timm state dict)")
-    out = {}
-    for key, value in obj.items():
-        changed = True
-        while changed:
-            changed = False
-            for prefix in _WRAPPER_PREFIXES:
-                if key.startswith(prefix):
-                    key, changed = key[len(prefix):], True
-        if key.startswith("head."):
-            continue  # DINO's projection head: not part of the feature extractor
-        out[key] = value
-    return out
+    from adapters.weights import strip_wrapper_prefixes
+
+    # DINO's projection head (``head.*``) is not part of the feature extractor.
+    return {k: v for k, v in strip_wrapper_prefixes(obj, _WRAPPER_PREFIXES).items() if not k.startswith("head.")}
 
 
 def _create_vit(arch: str, img_size: Tuple[int, int]) -> nn.Module:

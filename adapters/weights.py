@@ -75,14 +75,16 @@ def unwrap_state_dict(obj) -> Dict[str, torch.Tensor]:
     return dict(obj)
 
 
-def strip_wrapper_prefixes(state_dict: Mapping[str, torch.Tensor]) -> Dict[str, torch.Tensor]:
+def strip_wrapper_prefixes(state_dict: Mapping[str, torch.Tensor],
+                           prefixes: Iterable[str] = WRAPPER_PREFIXES) -> Dict[str, torch.Tensor]:
     """Remove DDP / torch.compile prefixes (repeatedly: DDP around a compiled model)."""
+    prefixes = tuple(prefixes)
     out = {}
     for key, value in state_dict.items():
         changed = True
         while changed:
             changed = False
-            for prefix in WRAPPER_PREFIXES:
+            for prefix in prefixes:
                 if key.startswith(prefix):
                     key = key[len(prefix):]
                     changed = True
