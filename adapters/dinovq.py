@@ -37,7 +37,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from adapters.distributed import all_reduce_sum_
-from adapters.ema_quantizer import pick_code_vectors
+from adapters.ema_quantizer import ema_step_, pick_code_vectors
 from train.errors import UserError
 
 # Defaults in one visible place (ViT-B / VQ-KD scale).
@@ -132,10 +132,7 @@ class EMACodebook(nn.Module):
         # Every rank must apply the same update, or the codebooks drift apart.
         all_reduce_sum_(counts)
         all_reduce_sum_(sums)
-        self.cluster_size.mul_(self.decay).add_(counts, alpha=1 - self.decay)
-        self.embed_avg.mul_(self.decay).add_(sums, alpha=1 - self.decay)
-        n = self.cluster_size.sum()
-        smoothed = (self.cluster_size + self.eps) / (n + self.num_codes * self.eps) * n
+        smoothed = ema_step_(self.cluster_size, self.embed_avg, counts, sums, self.decay, self.eps)
         self.embedding.copy_(F.normalize(self.embed_avg / smoothed.unsqueeze(1), dim=-1))
 
 

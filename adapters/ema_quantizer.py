@@ -71,6 +71,22 @@ class TooFewVectors(ValueError):
         self.needed, self.got = int(needed), int(got)
 
 
+@torch.no_grad()
+def ema_step_(cluster_size: torch.Tensor, embed_avg: torch.Tensor, counts: torch.Tensor,
+              embed_sum: torch.Tensor, decay: float, eps: float) -> torch.Tensor:
+    """One EMA step of a codebook's statistics, in place; returns the smoothed code counts.
+
+    ``counts`` / ``embed_sum`` are this batch's (already all-reduced) per-code counts and
+    summed encodings.  Laplace smoothing keeps unused codes (cluster_size 0) from dividing
+    by zero while leaving the total mass n unchanged.  The caller divides ``embed_avg`` by
+    the result along its own code axis (taming stores codes in rows, rosinality in columns).
+    """
+    cluster_size.mul_(decay).add_(counts.to(cluster_size.dtype), alpha=1 - decay)
+    embed_avg.mul_(decay).add_(embed_sum.to(embed_avg.dtype), alpha=1 - decay)
+    n = cluster_size.sum()
+    return (cluster_size + eps) / (n + cluster_size.numel() * eps) * n
+
+
 def pick_code_vectors(vectors: torch.Tensor, n_codes: int, seed: int) -> torch.Tensor:
     """``n_codes`` rows of ``vectors`` (N, dim) at distinct random positions.
 
@@ -105,12 +121,7 @@ class EMACodebook(nn.Module):
     @torch.no_grad()
     def ema_update(self, counts: torch.Tensor, embed_sum: torch.Tensor) -> None:
         """One EMA step from this batch's (already all-reduced) statistics."""
-        self.cluster_size.mul_(self.decay).add_(counts.to(self.cluster_size.dtype), alpha=1 - self.decay)
-        self.embed_avg.mul_(self.decay).add_(embed_sum.to(self.embed_avg.dtype), alpha=1 - self.decay)
-        n = self.cluster_size.sum()
-        # Laplace smoothing keeps unused codes (cluster_size 0) from dividing by zero while
-        # leaving the total mass n unchanged.
-        smoothed = (self.cluster_size + self.eps) / (n + self.n_embed * self.eps) * n
+        smoothed = ema_step_(self.cluster_size, self.embed_avg, counts, embed_sum, self.decay, self.eps)
         self.weight.copy_(self.embed_avg / smoothed.unsqueeze(1))
 
     @torch.no_grad()

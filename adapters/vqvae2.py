@@ -45,7 +45,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from adapters.distributed import all_reduce_sum_
-from adapters.ema_quantizer import pick_code_vectors
+from adapters.ema_quantizer import ema_step_, pick_code_vectors
 from train.errors import UserError
 
 log = logging.getLogger(__name__)
@@ -110,11 +110,7 @@ class Quantize(nn.Module):
         # Sum the batch statistics over ranks so every rank applies the same update.
         all_reduce_sum_(counts)
         all_reduce_sum_(sums)
-        self.cluster_size.mul_(self.decay).add_(counts, alpha=1 - self.decay)
-        self.embed_avg.mul_(self.decay).add_(sums, alpha=1 - self.decay)
-        n = self.cluster_size.sum()
-        # Laplace smoothing keeps unused codes from dividing by zero; total mass kept at n.
-        smoothed = (self.cluster_size + self.eps) / (n + self.n_embed * self.eps) * n
+        smoothed = ema_step_(self.cluster_size, self.embed_avg, counts, sums, self.decay, self.eps)
         self.embed.copy_(self.embed_avg / smoothed.unsqueeze(0))
 
     @torch.no_grad()
