@@ -79,21 +79,6 @@ TRAIN_RENAMES: Dict[str, Tuple[str, str]] = {
     "val_data": ("data", "val_path"),
 }
 
-# Constructor arguments each model type understands in ``model_args`` (besides what the
-# file already has); used to reject typos in ``model_args.*`` overrides.
-MODEL_ARG_NAMES: Dict[str, Tuple[str, ...]] = {
-    "TamingVQGAN": ("ddconfig", "n_embed", "embed_dim", "ckpt_path", "ignore_keys", "image_key",
-                    "colorize_nlabels", "monitor", "remap", "sane_index_shape", "beta", "decay", "eps",
-                    "kl_weight", "temperature_scheduler_config", "temp_init", "straight_through",
-                    "batch_resize_range", "scheduler_config", "lr_g_factor"),
-    "vqvae2": ("in_channel", "channel", "n_res_block", "n_res_channel", "embed_dim", "n_embed", "decay",
-               "ckpt_path"),
-    "DinoVQ": ("img_size", "encoder_embed_dim", "codebook_size", "dino_loss_weight", "recon_loss_weight",
-               "vq_loss_weight", "use_perceptual", "perceptual_weight", "vgg_ckpt_path", "use_gan",
-               "disc_start", "disc_weight", "disc_dim", "disc_num_layers", "disc_adaptive_weight",
-               "patch_size", "dino_dim"),
-}
-
 TOP_LEVEL = [f.name for f in dataclasses.fields(ExperimentConfig)]
 SECTION_CLASSES = {"lossconfig": LossSection, "train": TrainSection, "data": DataSection,
                    "teacher": TeacherSection, "source": SourceInfo}
@@ -449,31 +434,40 @@ def parse_override(item: str) -> Tuple[str, Any]:
     return key, value
 
 
-def _known_model_args(model_type: Optional[str]) -> List[str]:
+def accepted_model_args(model_type: Optional[str],
+                        variant: Optional[str] = None) -> Optional[Tuple[List[str], bool]]:
+    """(model_args names the type's builder accepts, whether it refuses other names).
+
+    Read from the adapters themselves, so this stays in step with what builds.  For
+    TamingVQGAN without a variant, the names of every variant.  None when unknown.
+    """
+    import inspect
+
     from adapters.registry import RegistryError, get_model_type
 
     try:
         name = get_model_type(model_type).name if model_type else None
     except RegistryError:
-        name = None
-    names = list(MODEL_ARG_NAMES.get(name, ()))
-    if name == "TamingVQGAN":
-        try:  # the adapter's own table is the authority
+        return None
+    try:
+        if name == "TamingVQGAN":
             from adapters.taming_vqgan import ACCEPTED_ARGS
 
-            names += [a for args in ACCEPTED_ARGS.values() for a in args]
-        except ImportError:
-            pass
-    if name == "DinoVQ":
-        try:  # the model's own constructor is the authority when it is importable
-            import inspect
+            tables = [ACCEPTED_ARGS.get(variant or "VQ", ())] if variant else list(ACCEPTED_ARGS.values())
+            return sorted({a for table in tables for a in table}) + ["model_variant"], True
+        if name == "vqvae2":
+            from adapters.vqvae2 import DEFAULTS
 
+            return list(DEFAULTS) + ["ckpt_path"], False
+        if name == "DinoVQ":
             from adapters.dinovq import DinoVQModel
+            from losses.dinovq_loss import LOSS_ARG_NAMES
 
-            names += [p for p in inspect.signature(DinoVQModel.__init__).parameters if p != "self"]
-        except Exception:  # noqa: BLE001 - optional refinement only
-            pass
-    return names
+            names = set(inspect.signature(DinoVQModel).parameters) | set(LOSS_ARG_NAMES)
+            return sorted(names - {"build_loss"}), True
+    except ImportError:
+        return None
+    return None
 
 
 def apply_overrides(data: Dict[str, Any], overrides: Sequence[str]) -> Dict[str, Any]:
@@ -497,7 +491,8 @@ def apply_overrides(data: Dict[str, Any], overrides: Sequence[str]) -> Dict[str,
                 raise UserError(f"override {key!r}: {head}.{parts[1]} has no sub-keys")
         elif head == "model_args" and len(parts) >= 2:
             present = list(data.get("model_args") or {})
-            known = present + _known_model_args(data.get("model_type"))
+            accepted = accepted_model_args(data.get("model_type"))
+            known = present + (accepted[0] if accepted else [])
             if parts[1] not in known:
                 raise UserError(f"override {key!r}: {data.get('model_type')} has no model argument "
                                 f"{parts[1]!r}.{_suggest(parts[1], known)}")

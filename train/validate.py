@@ -26,8 +26,8 @@ from typing import Any, Dict, List, Optional, Sequence, Tuple
 import yaml
 
 from adapters import registry
-from train.config import (Normalized, SECTION_CLASSES, apply_overrides, canonicalize, normalize,
-                          to_structured, type_errors, unknown_keys)
+from train.config import (Normalized, SECTION_CLASSES, accepted_model_args, apply_overrides, canonicalize,
+                          normalize, to_structured, type_errors, unknown_keys)
 from train.errors import UserError
 
 DELETE = object()  # a fix operation that removes the key
@@ -396,8 +396,7 @@ def rule_taming_model_args(data: Dict[str, Any], variant: Optional[str], out: Li
     for key in DDCONFIG_INT_KEYS:
         path = f"model_args.ddconfig.{key}"
         if key not in dd:
-            if key != "out_ch" or True:
-                out.append(Finding(ERROR, path, "missing_model_arg", f"ddconfig needs {key}", f"add {path}"))
+            out.append(Finding(ERROR, path, "missing_model_arg", f"ddconfig needs {key}", f"add {path}"))
             continue
         value = dd[key]
         if not _is_int(value):
@@ -508,31 +507,10 @@ def rule_dinovq_model_args(data: Dict[str, Any], out: List[Finding]) -> None:
                                "use a multiple of patch_size"))
 
 
-def _accepted_model_args(spec_name: str, variant: Optional[str]) -> Optional[Tuple[List[str], bool]]:
-    """(names the builder accepts, whether it refuses others) -- from the adapter itself."""
-    try:
-        if spec_name == "TamingVQGAN":
-            from adapters.taming_vqgan import ACCEPTED_ARGS
-
-            return list(ACCEPTED_ARGS.get(variant or "VQ", ())) + ["model_variant"], True
-        if spec_name == "vqvae2":
-            from adapters.vqvae2 import DEFAULTS
-
-            return list(DEFAULTS) + ["ckpt_path"], False
-        if spec_name == "DinoVQ":
-            from adapters.dinovq import DinoVQModel
-            from losses.dinovq_loss import LOSS_ARG_NAMES
-
-            names = set(inspect.signature(DinoVQModel).parameters) | set(LOSS_ARG_NAMES)
-            return sorted(names - {"build_loss"}), True
-    except ImportError:
-        return None
-    return None
-
-
 def rule_model_arg_names(data: Dict[str, Any], spec, variant: Optional[str], out: List[Finding]) -> None:
     args = data.get("model_args") or {}
-    accepted = _accepted_model_args(spec.name, variant) if spec is not None else None
+    # TamingVQGAN without a variant is VQ, as the builder reads it; other types have none.
+    accepted = accepted_model_args(spec.name, variant or "VQ") if spec is not None else None
     if accepted is None or not isinstance(args, dict):
         return
     names, strict = accepted
