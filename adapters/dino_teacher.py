@@ -24,8 +24,8 @@ configured one are an error, as are features whose grid does not match.
 Without a checkpoint file the teacher is an error naming what to provide; a random
 teacher only with ``teacher.allow_random: true`` (tests, demos), logged as a warning.
 
-    teacher = build_teacher(cfg)                 # cfg: ExperimentConfig of a DinoVQ run
-    feats = features_for_batch(teacher, images)  # (B, N, dino_dim), float32, no grad
+    teacher = load_teacher(arch, ckpt_path, grid_size)   # adapters.dinovq.build_teacher(cfg) for a config
+    feats = features_for_batch(teacher, images)          # (B, N, dino_dim), float32, no grad
 """
 from __future__ import annotations
 
@@ -208,35 +208,6 @@ def _few(keys, n: int = 4) -> str:
         return "none"
     more = f" and {len(keys) - n} more" if len(keys) > n else ""
     return ", ".join(keys[:n]) + more
-
-
-def student_geometry(cfg) -> Tuple[Tuple[int, int], Tuple[int, int]]:
-    """The DinoVQ image size ``(H, W)`` and token grid ``(H/p, W/p)`` of a config."""
-    from adapters.dinovq import DEFAULTS, _pair
-    from train.schema import as_dict
-
-    args = as_dict(cfg.model_args)
-    h, w = _pair(args.get("img_size", DEFAULTS["img_size"]))
-    p = int(args.get("patch_size", DEFAULTS["patch_size"]))
-    if h % p or w % p:
-        raise UserError(f"model_args.img_size {[h, w]} is not divisible by patch_size {p}")
-    return (h, w), (h // p, w // p)
-
-
-def build_teacher(cfg) -> DinoTeacher:
-    """The teacher of an ``ExperimentConfig`` (``cfg.teacher``), checked against the model."""
-    from adapters.dinovq import DEFAULTS
-    from train.schema import as_dict
-
-    t = cfg.teacher
-    image_size, grid = student_geometry(cfg)
-    teacher = load_teacher(t.arch, t.ckpt_path, grid, allow_random=bool(t.allow_random),
-                           dtype=str(t.dtype), image_size=image_size)
-    dino_dim = int(as_dict(cfg.model_args).get("dino_dim", DEFAULTS["dino_dim"]))
-    if teacher.embed_dim != dino_dim:
-        raise UserError(f"teacher {t.arch!r} has feature width {teacher.embed_dim} but "
-                        f"model_args.dino_dim is {dino_dim}; set model_args.dino_dim: {teacher.embed_dim}")
-    return teacher
 
 
 def features_for_batch(teacher: DinoTeacher, images: torch.Tensor) -> torch.Tensor:

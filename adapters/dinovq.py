@@ -1,4 +1,4 @@
-"""DinoVQ: a ViT tokenizer whose codes are distilled from a frozen DINO teacher (seed 000).
+"""DinoVQ: a ViT tokenizer whose codes are distilled from a frozen DINO teacher.
 
     images (B, 3, H, W) in [-1, 1]
       -> ViT encoder over p x p patches                    (Dosovitskiy et al. 2021)
@@ -17,28 +17,38 @@ state dict as ``quantize.{embedding,cluster_size,embed_avg}``.  In DDP the per-s
 and sums are all-reduced before the update, so every rank keeps the same codebook.  Only
 the commitment term reaches the encoder (``vq_loss``).
 
-The seed's API::
+This module holds the network (:class:`DinoVQNet`, the registry's model), the rules a
+DinoVQ config must satisfy, and the batch hook that gives every training batch its teacher
+features (online from ``adapters/dino_teacher.py``, or from an ``extract-features`` cache,
+``adapters/dino_features.py``).  The DinoVQ reference API, a model that owns its loss::
 
+    from losses.dinovq_model import DinoVQModel
     model = DinoVQModel(img_size=(224, 224), encoder_embed_dim=768, codebook_size=8192)
     losses = model.compute_loss(imgs, dino_features_gt)      # (B, 196, 768) features
     losses["total_loss"].backward()
 
-With the defaults the model is ViT-B scale (12 encoder blocks of width 768, 12 pixel-decoder
-blocks, a 3-block semantic head).  ``build_dinovq(cfg)`` is the registry builder used by
-the trainer: it builds the same network *without* its loss (the trainer's
-``DinoVQLossCalculator`` owns LPIPS and the discriminator; see ``losses/dinovq_loss.py``).
+lives with the loss family (``losses/dinovq_model.py``): a network never imports its loss.
+With the defaults the network is ViT-B scale (12 encoder blocks of width 768, 12
+pixel-decoder blocks, a 3-block semantic head).
 """
 from __future__ import annotations
 
-from typing import Dict, Optional, Sequence, Tuple, Union
+from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple, Union
 
 import torch
 import torch.nn.functional as F
+from timm.models.vision_transformer import Block
 from torch import nn
 
+from adapters.contract import Tokenizer
+from adapters.dino_features import FeatureCache, FeatureShapeError
+from adapters.dino_teacher import DinoTeacher, load_teacher
 from adapters.distributed import all_reduce_sum_
 from adapters.ema_quantizer import ema_step_, pick_code_vectors
-from train.errors import UserError
+from adapters.registry import LossFamilySpec, check_model_args, get_model_type, register_model_type
+from train.errors import (ERROR, WARNING, Finding, UserError, is_int, is_number, raise_for_errors,
+                          type_finding)
+from train.schema import as_dict, config_data
 
 # Defaults in one visible place (ViT-B / VQ-KD scale).
 DEFAULTS = dict(
@@ -75,8 +85,6 @@ class ViTStack(nn.Module):
 
     def __init__(self, num_tokens: int, dim: int, depth: int, num_heads: int, mlp_ratio: float):
         super().__init__()
-        from timm.models.vision_transformer import Block
-
         self.pos_embed = nn.Parameter(torch.zeros(1, num_tokens, dim))
         nn.init.trunc_normal_(self.pos_embed, std=0.02)
         self.blocks = nn.ModuleList(Block(dim, num_heads, mlp_ratio=mlp_ratio, qkv_bias=True)
@@ -136,38 +144,34 @@ class EMACodebook(nn.Module):
         self.embedding.copy_(F.normalize(self.embed_avg / smoothed.unsqueeze(1), dim=-1))
 
 
-class DinoVQModel(nn.Module):
-    """The seed's DinoVQ model (constructor names and ``compute_loss`` as in seed 000).
+class DinoVQNet(Tokenizer):
+    """The DinoVQ network (no loss): the registry's model for ``model_type: DinoVQ``.
 
-    ``forward(x)`` returns ``(reconstruction, vq_loss)`` like every model of the registry;
+    ``forward(x)`` returns ``(reconstruction, vq_loss)`` like every registered model;
+    ``forward(x, return_codes=True)`` adds ``(indices,)`` with indices (B, H/p, W/p);
     ``forward(x, return_dict=True)`` returns ``reconstructions``, ``dino_pred`` (B, N,
-    dino_dim), ``vq_loss`` and ``indices`` (B, H/p, W/p).
-
-    ``build_loss=False`` builds the network only (the trainer's path): then ``loss_fn`` is
-    None and ``compute_loss`` is unavailable.
+    dino_dim), ``vq_loss`` and ``indices`` (what the DinoVQ loss family reads).
     """
 
+    codebook_names = ("codebook",)
+
     def __init__(self, img_size=DEFAULTS["img_size"], encoder_embed_dim: int = 768,
-                 codebook_size: int = 8192, dino_loss_weight: float = 1.0,
-                 recon_loss_weight: float = 1.0, vq_loss_weight: float = 1.0,
-                 use_perceptual: bool = False, perceptual_weight: float = 1.0,
-                 vgg_ckpt_path: Optional[str] = None, use_gan: bool = False,
-                 disc_start: int = 10000, disc_weight: float = 0.5, disc_dim: int = 64,
-                 disc_num_layers: int = 3, disc_adaptive_weight: bool = True,
-                 patch_size: int = 16, dino_dim: int = 768, in_channels: int = 3,
+                 codebook_size: int = 8192, patch_size: int = 16, dino_dim: int = 768, in_channels: int = 3,
                  encoder_depth: int = 12, encoder_num_heads: int = 12,
                  decoder_embed_dim: Optional[int] = None, decoder_depth: int = 12,
                  decoder_num_heads: Optional[int] = None, dino_head_depth: int = 3,
                  mlp_ratio: float = 4.0, codebook_dim: int = 32, codebook_decay: float = 0.99,
-                 codebook_eps: float = 1e-5, allow_random_vgg: bool = False,
-                 disc_factor: float = 1.0, disc_loss: str = "hinge", build_loss: bool = True):
+                 codebook_eps: float = 1e-5):
         super().__init__()
+        # The same geometry rules validate runs on a config.
+        raise_for_errors(_geometry_findings(dict(img_size=img_size, patch_size=patch_size,
+                                                 encoder_embed_dim=encoder_embed_dim,
+                                                 encoder_num_heads=encoder_num_heads,
+                                                 decoder_embed_dim=decoder_embed_dim,
+                                                 decoder_num_heads=decoder_num_heads)), "DinoVQ")
         self.img_size = _pair(img_size)
         self.patch_size = int(patch_size)
         h, w = self.img_size
-        if h % self.patch_size or w % self.patch_size:
-            raise UserError(f"DinoVQ img_size {list(self.img_size)} is not divisible by patch_size "
-                            f"{self.patch_size}; use a multiple of {self.patch_size}")
         self.grid_size = (h // self.patch_size, w // self.patch_size)
         self.num_tokens = self.grid_size[0] * self.grid_size[1]
         self.in_channels = int(in_channels)
@@ -176,11 +180,6 @@ class DinoVQModel(nn.Module):
         self.codebook_dim = int(codebook_dim)
         decoder_embed_dim = int(decoder_embed_dim or encoder_embed_dim)
         decoder_num_heads = int(decoder_num_heads or encoder_num_heads)
-        for name, dim, heads in (("encoder", encoder_embed_dim, encoder_num_heads),
-                                 ("decoder", decoder_embed_dim, decoder_num_heads)):
-            if dim % heads:
-                raise UserError(f"DinoVQ {name}_embed_dim {dim} is not divisible by "
-                                f"{name}_num_heads {heads}; pick a head count that divides it")
 
         p, c = self.patch_size, self.in_channels
         self.patch_embed = nn.Conv2d(c, encoder_embed_dim, kernel_size=p, stride=p)
@@ -200,23 +199,6 @@ class DinoVQModel(nn.Module):
         self.dino_out = nn.Linear(decoder_embed_dim, self.dino_dim)
         self.apply(self._init_weights)
 
-        self.use_gan = bool(use_gan)
-        self.loss_fn = None
-        if build_loss:
-            from losses.dinovq_loss import DinoVQLoss
-
-            self.loss_fn = DinoVQLoss(
-                dino_loss_weight=dino_loss_weight, recon_loss_weight=recon_loss_weight,
-                vq_loss_weight=vq_loss_weight, use_perceptual=use_perceptual,
-                perceptual_weight=perceptual_weight, vgg_ckpt_path=vgg_ckpt_path,
-                allow_random_vgg=allow_random_vgg, use_gan=use_gan, disc_start=disc_start,
-                disc_weight=disc_weight, disc_factor=disc_factor, disc_dim=disc_dim,
-                disc_num_layers=disc_num_layers, disc_adaptive_weight=disc_adaptive_weight,
-                disc_loss=disc_loss, disc_in_channels=in_channels)
-        # The seed loop's discriminator step: reuse the reconstructions of the generator
-        # step that ran on the very same (unmodified) image tensor.
-        self._last_generator = None
-
     @staticmethod
     def _init_weights(m: nn.Module) -> None:
         # timm's ViT initialisation: truncated normal linears, zero biases.
@@ -225,7 +207,7 @@ class DinoVQModel(nn.Module):
             if m.bias is not None:
                 nn.init.zeros_(m.bias)
 
-    # ---- the registry's model contract -------------------------------------------------
+    # ---- the model contract (adapters/contract.py) ---------------------------------------
     @property
     def codebook_sizes(self) -> Tuple[int]:
         return (self.codebook_size,)
@@ -284,88 +266,211 @@ class DinoVQModel(nn.Module):
     def decode_code(self, indices: torch.Tensor) -> torch.Tensor:
         return self.decode(self.get_codebook_entry(indices))
 
-    def forward(self, x: torch.Tensor, return_dict: bool = False, update_codebook: bool = True):
+    def forward(self, x: torch.Tensor, return_codes: bool = False, return_dict: bool = False,
+                update_codebook: bool = True):
         z = self.encode(x)
         z_q, vq_loss, indices = self.quantize(z, update=self.training and update_codebook)
         recon = self.decode(z_q)
-        if not return_dict:
-            return recon, vq_loss
-        return {"reconstructions": recon, "dino_pred": self.predict_dino(z_q), "vq_loss": vq_loss,
-                "indices": indices.view(x.shape[0], *self.grid_size)}
-
-    # ---- the seed's API ------------------------------------------------------------------
-    def compute_loss(self, imgs: torch.Tensor, dino_features_gt: torch.Tensor,
-                     update_type: str = "generator", global_step: int = 0) -> Dict[str, torch.Tensor]:
-        """Seed 000's loss dict for a generator or a discriminator update."""
-        if self.loss_fn is None:
-            raise RuntimeError("this DinoVQModel was built without its loss (build_loss=False, the "
-                               "trainer's path); use losses.dinovq_loss.DinoVQLossCalculator")
-        if update_type == "generator":
-            out = self(imgs, return_dict=True)
-            if self.use_gan:  # only a discriminator update ever reads it back
-                self._last_generator = (imgs, imgs._version, out["reconstructions"].detach())
-            return self.loss_fn.generator_loss(imgs, out["reconstructions"], out["dino_pred"],
-                                               out["vq_loss"], dino_features_gt, global_step,
-                                               last_layer=self.get_last_layer())
-        if update_type == "discriminator":
-            if not self.use_gan:
-                raise ValueError("compute_loss(update_type='discriminator') needs use_gan=True: this "
-                                 "DinoVQ model has no discriminator; construct it with use_gan=True "
-                                 "or only run generator updates")
-            return self.loss_fn.discriminator_loss(imgs, self._reconstruct_detached(imgs), global_step)
-        raise ValueError(f"unknown update_type {update_type!r}; valid choices: 'discriminator', "
-                         "'generator'")
-
-    def _reconstruct_detached(self, imgs: torch.Tensor) -> torch.Tensor:
-        cached = self._last_generator
-        self._last_generator = None
-        if cached is not None and cached[0] is imgs and cached[1] == imgs._version:
-            return cached[2]
-        # No matching generator step: reconstruct without gradients and without moving the
-        # EMA codebook (a second update per step would count the batch twice).
-        with torch.no_grad():
-            return self(imgs, return_dict=True, update_codebook=False)["reconstructions"]
+        indices = indices.view(x.shape[0], *self.grid_size)
+        if return_dict:
+            return {"reconstructions": recon, "dino_pred": self.predict_dino(z_q), "vq_loss": vq_loss,
+                    "indices": indices}
+        return (recon, vq_loss, (indices,)) if return_codes else (recon, vq_loss)
 
 
 # --------------------------------------------------------------------------------------
-# Registry builder
+# Config: argument names, rules, geometry
 
 MODEL_ARG_NAMES = ("img_size", "encoder_embed_dim", "codebook_size", "patch_size", "dino_dim",
                    "in_channels", "encoder_depth", "encoder_num_heads", "decoder_embed_dim",
                    "decoder_depth", "decoder_num_heads", "dino_head_depth", "mlp_ratio",
                    "codebook_dim", "codebook_decay", "codebook_eps")
+# The loss settings a DinoVQ config carries in model_args (the reference API's constructor
+# names); the DinoVQ loss family reads them (losses/dinovq_loss.py).
+LOSS_ARG_NAMES = ("dino_loss_weight", "recon_loss_weight", "vq_loss_weight", "use_perceptual",
+                  "perceptual_weight", "vgg_ckpt_path", "allow_random_vgg", "use_gan", "disc_start",
+                  "disc_weight", "disc_factor", "disc_dim", "disc_num_layers", "disc_adaptive_weight",
+                  "disc_loss", "disc_in_channels")
 
 
-def model_kwargs_from_config(cfg) -> Dict[str, object]:
-    """The network's constructor arguments from ``cfg.model_args`` (loss settings excluded)."""
-    import inspect
+def accepted_args(variant: Optional[str]) -> Tuple[List[str], bool]:
+    return sorted(set(MODEL_ARG_NAMES) | set(LOSS_ARG_NAMES)), True
 
-    from losses.dinovq_loss import LOSS_ARG_NAMES
-    from train.schema import as_dict
 
+def _geometry_findings(args: Dict[str, Any]) -> List[Finding]:
+    """img_size a multiple of patch_size; widths divisible by their head counts."""
+    out: List[Finding] = []
+    img, patch = args.get("img_size", DEFAULTS["img_size"]), args.get("patch_size", DEFAULTS["patch_size"])
+    if img is not None and is_int(patch) and patch > 0:
+        sizes = img if isinstance(img, (list, tuple)) else [img, img]
+        if not (len(sizes) == 2 and all(is_int(s) and s > 0 and s % patch == 0 for s in sizes)):
+            out.append(Finding(ERROR, "model_args.img_size", "bad_value",
+                               f"img_size {img!r} must be positive multiples of patch_size {patch}",
+                               f"use a multiple of {patch}"))
+    enc_dim = args.get("encoder_embed_dim", DEFAULTS["encoder_embed_dim"])
+    enc_heads = args.get("encoder_num_heads", DEFAULTS["encoder_num_heads"])
+    dims = (("encoder", enc_dim, enc_heads),
+            ("decoder", args.get("decoder_embed_dim") or enc_dim, args.get("decoder_num_heads") or enc_heads))
+    for name, dim, heads in dims:
+        if is_int(dim) and is_int(heads) and heads > 0 and dim % heads:
+            out.append(Finding(ERROR, f"model_args.{name}_num_heads", "bad_value",
+                               f"DinoVQ {name}_embed_dim {dim} is not divisible by {name}_num_heads {heads}",
+                               "pick a head count that divides it"))
+    return out
+
+
+def dinovq_rules(data: Dict[str, Any], variant: Optional[str], out: List[Finding]) -> None:
+    """Findings about a DinoVQ config: argument types, geometry, crops, teacher features."""
+    args = data.get("model_args") or {}
+    if not isinstance(args, dict):
+        return
+    ints = ("encoder_embed_dim", "codebook_size", "patch_size", "dino_dim", "disc_start", "disc_dim",
+            "disc_num_layers")
+    for key in ints:
+        if key in args and not is_int(args[key]):
+            type_finding(out, f"model_args.{key}", args[key], 1, "an integer")
+    for key in ("dino_loss_weight", "recon_loss_weight", "vq_loss_weight", "perceptual_weight", "disc_weight"):
+        if key in args and not is_number(args[key]):
+            type_finding(out, f"model_args.{key}", args[key], 1.0, "a number")
+    img_size = args.get("img_size")
+    data_section = data.get("data") or {}
+    data_size = data_section.get("image_size")
+    if img_size is not None and is_int(data_size):
+        sizes = img_size if isinstance(img_size, (list, tuple)) else [img_size, img_size]
+        if any(s != data_size for s in sizes):
+            out.append(Finding(ERROR, "data.image_size", "image_size_mismatch",
+                               f"data.image_size {data_size} differs from model_args.img_size {img_size!r}: "
+                               "DinoVQ's position embeddings and token grid are built for img_size",
+                               f"set data.image_size: {sizes[0]}" if sizes[0] == sizes[-1] else
+                               "make them agree (training crops are square)",
+                               [("data.image_size", sizes[0])] if sizes[0] == sizes[-1] else []))
+    teacher = data.get("teacher") or {}
+    if not teacher.get("ckpt_path") and not teacher.get("allow_random") and not data_section.get("feature_cache"):
+        out.append(Finding(WARNING, "teacher.ckpt_path", "teacher_weights_missing",
+                           "no DINO teacher weights: fit needs teacher.ckpt_path (a local DINO / DINOv2 checkpoint) "
+                           "or a data.feature_cache made by extract-features",
+                           "set teacher.ckpt_path=/path/to/dino_vitbase16_pretrain.pth"))
+    if data_section.get("feature_cache") and data_section.get("random_crop", True):
+        out.append(Finding(ERROR, "data.random_crop", "feature_cache_random_crop",
+                           "data.feature_cache holds features of centre crops, but data.random_crop is true",
+                           "set data.random_crop=false, or drop data.feature_cache to compute features online",
+                           [("data.random_crop", False)]))
+    out.extend(_geometry_findings(args))
+
+
+def student_geometry(cfg) -> Tuple[Tuple[int, int], Tuple[int, int]]:
+    """The DinoVQ image size ``(H, W)`` and token grid ``(H/p, W/p)`` of a config."""
     args = as_dict(cfg.model_args)
-    known = set(inspect.signature(DinoVQModel).parameters) | set(LOSS_ARG_NAMES)
-    unknown = sorted(set(args) - known)
-    if unknown:
-        import difflib
-
-        hints = []
-        for name in unknown:
-            near = difflib.get_close_matches(name, sorted(known), n=1)
-            hints.append(f"{name!r}" + (f" (did you mean {near[0]!r}?)" if near else ""))
-        raise UserError(f"DinoVQ model_args: unknown argument(s) {', '.join(hints)}; "
-                        f"valid names: {', '.join(sorted(known - {'build_loss'}))}")
-    return {k: args[k] for k in MODEL_ARG_NAMES if k in args}
+    h, w = _pair(args.get("img_size", DEFAULTS["img_size"]))
+    p = int(args.get("patch_size", DEFAULTS["patch_size"]))
+    if h % p or w % p:
+        raise UserError(f"model_args.img_size {[h, w]} is not divisible by patch_size {p}")
+    return (h, w), (h // p, w // p)
 
 
-def build_dinovq(cfg) -> DinoVQModel:
-    """Registry builder (``adapters.dinovq:build_dinovq``): the network without its loss.
+def _dino_dim(cfg) -> int:
+    return int(as_dict(cfg.model_args).get("dino_dim", DEFAULTS["dino_dim"]))
 
-    The loss settings of ``cfg.model_args`` are read by ``DinoVQLossCalculator.build``; the
-    GAN is on only when ``model_args.use_gan`` and ``train.use_gan`` are both true.
-    """
-    from losses.dinovq_loss import loss_kwargs_from_config
 
-    model = DinoVQModel(**model_kwargs_from_config(cfg), build_loss=False)
-    model.use_gan = bool(loss_kwargs_from_config(cfg)["use_gan"])
-    return model
+# --------------------------------------------------------------------------------------
+# Teacher features for every batch (the registry's batch hook)
+
+def build_teacher(cfg) -> DinoTeacher:
+    """The teacher of an ``ExperimentConfig`` (``cfg.teacher``), checked against the model."""
+    t = cfg.teacher
+    image_size, grid = student_geometry(cfg)
+    teacher = load_teacher(t.arch, t.ckpt_path, grid, allow_random=bool(t.allow_random),
+                           dtype=str(t.dtype), image_size=image_size)
+    dino_dim = _dino_dim(cfg)
+    if teacher.embed_dim != dino_dim:
+        raise UserError(f"teacher {t.arch!r} has feature width {teacher.embed_dim} but "
+                        f"model_args.dino_dim is {dino_dim}; set model_args.dino_dim: {teacher.embed_dim}")
+    return teacher
+
+
+def open_feature_cache(cfg) -> FeatureCache:
+    """Open ``cfg.data.feature_cache`` and check it fits the config's model and data."""
+    cache = FeatureCache(str(cfg.data.feature_cache))
+    image_size, grid = student_geometry(cfg)
+    dino_dim = _dino_dim(cfg)
+    if cache.grid != tuple(grid) or cache.dino_dim != dino_dim:
+        raise FeatureShapeError(
+            f"data.feature_cache {cache.path!r} holds features on a {cache.grid[0]}x{cache.grid[1]} grid "
+            f"of width {cache.dino_dim}, this config needs {grid[0]}x{grid[1]} of width {dino_dim} "
+            f"(img_size {list(image_size)}); re-run extract-features with this config")
+    if bool(cfg.data.random_crop):
+        raise UserError("data.feature_cache holds features of centre crops, but data.random_crop is "
+                        "true; set data.random_crop=false, or drop data.feature_cache to compute "
+                        "features online")
+    return cache
+
+
+def teacher_features_hook(cfg, device: Optional[torch.device] = None) -> Callable[[Dict, int], Dict]:
+    """``hook(batch, step) -> batch`` adding ``batch["dino_features"]`` (B, N, dino_dim):
+    looked up in ``data.feature_cache`` by ``batch["path"]``, or computed by the frozen
+    teacher (``teacher.ckpt_path``) without gradients.  A batch that already has features
+    is left alone."""
+    if getattr(cfg.data, "feature_cache", None):
+        source: Any = open_feature_cache(cfg)
+
+        def features(batch):
+            return source.features_for_batch(batch)
+    else:
+        source = build_teacher(cfg)
+        if device is not None:
+            source.to(device)
+
+        def features(batch):
+            return source(batch["image"].to(source.mean.device)).to(batch["image"].device)
+
+    def hook(batch: Dict, step: int) -> Dict:
+        if batch.get("dino_features") is None:
+            batch = dict(batch, dino_features=features(batch))
+        return batch
+
+    hook.source = source   # the teacher or the cache (tests and extract-features read it)
+    return hook
+
+
+# --------------------------------------------------------------------------------------
+# Registration and builder
+
+def _gan_settings(data: Dict[str, Any]):
+    """DinoVQ keeps its GAN switch and discriminator settings in model_args."""
+    args = data.get("model_args") or {}
+    return (args.get("use_gan", False) if isinstance(args, dict) else None), args
+
+
+def _tiny_config() -> Dict[str, Any]:
+    """A 32 px DinoVQ small enough for CPU tests (random teacher, GAN from step 0)."""
+    return {"model_type": "DinoVQ",
+            "model_args": {"img_size": [32, 32], "patch_size": 8, "encoder_embed_dim": 32, "encoder_depth": 1,
+                           "encoder_num_heads": 2, "decoder_depth": 1, "dino_head_depth": 1, "codebook_size": 16,
+                           "codebook_dim": 8, "dino_dim": 192, "use_gan": True, "disc_start": 0, "disc_dim": 8,
+                           "disc_num_layers": 1},
+            "teacher": {"arch": "vit_tiny_patch16_224", "allow_random": True},
+            "train": {"batch_size": 2, "learning_rate": 1e-4}, "data": {"image_size": 32}}
+
+
+@register_model_type(
+    "DinoVQ",
+    description="semantic tokenizer distilled from a DINO teacher (BEiT v2 VQ-KD style)",
+    loss=LossFamilySpec("dinovq", "DinoVQ: DINO cosine + MSE + VQ commitment, optional LPIPS and PatchGAN",
+                        "losses.dinovq_loss.DinoVQLoss"),
+    aliases=("dinovq", "DinoVQModel", "dino_vq"),
+    accepted_args=accepted_args,
+    rules=dinovq_rules,
+    gan_settings=_gan_settings,
+    codebooks=lambda variant: ("codebook",),
+    ema_codebook=lambda variant: True,
+    tiny_config=_tiny_config,
+    batch_hook=teacher_features_hook,
+)
+def build_dinovq(cfg) -> DinoVQNet:
+    """Registry builder: the network without its loss (the DinoVQ loss family reads the loss
+    settings of ``model_args``).  The config must pass :func:`dinovq_rules`."""
+    data = config_data(cfg)
+    findings = check_model_args(get_model_type("DinoVQ"), data, None)
+    raise_for_errors([f for f in findings if f.path.startswith("model_args")], "DinoVQ model_args")
+    args = data.get("model_args") or {}
+    return DinoVQNet(**{k: args[k] for k in MODEL_ARG_NAMES if k in args})

@@ -28,12 +28,11 @@ Usage::
     from adapters import build_model
     model = build_model(make_config(model_type="TamingVQGAN", model_variant="EMAVQ",
                                     model_args=dict(n_embed=1024, embed_dim=256, ddconfig={...})))
-    xrec, qloss, indices = model(x, return_pred_indices=True)
+    xrec, qloss, (indices,) = model(x, return_codes=True)
 """
 from __future__ import annotations
 
 import contextlib
-import difflib
 import importlib
 import io
 import os
@@ -42,10 +41,15 @@ from typing import Any, Dict, List, Optional, Tuple
 import torch
 from torch import nn
 
+from adapters.contract import Tokenizer
 from adapters.ema_quantizer import EMAVectorQuantizer
+from adapters.registry import (LossFamilySpec, RegistryError, VariantSpec, canonical_loss_target,
+                               check_model_args, get_model_type, register_model_type, resolve_variant)
 from adapters.weights import (drop_prefixes, load_checkpoint_state_dict, load_model_weights,
                               strip_wrapper_prefixes)
-from train.errors import UserError
+from train.errors import (ERROR, WARNING, Finding, UserError, coerce_like, is_int, raise_for_errors,
+                          type_finding)
+from train.schema import as_dict
 
 VARIANTS = ("VQ", "EMAVQ", "Gumbel", "NoDisc")
 
@@ -66,8 +70,8 @@ ACCEPTED_ARGS: Dict[str, Tuple[str, ...]] = {
 # Keys a legacy config may leave inside model_args; they are read elsewhere.
 _PASSED_THROUGH = ("model_variant",)
 REQUIRED_ARGS = ("ddconfig", "n_embed", "embed_dim")
-REQUIRED_DDCONFIG = ("ch", "out_ch", "ch_mult", "num_res_blocks", "attn_resolutions", "in_channels",
-                     "resolution", "z_channels")
+# ddconfig sizes that must be positive integers (ch_mult and attn_resolutions are lists).
+DDCONFIG_INT_KEYS = ("ch", "out_ch", "num_res_blocks", "in_channels", "resolution", "z_channels")
 ATTN_TYPES = ("vanilla", "linear", "none")
 
 # Upstream defaults that are not constructor arguments there.
@@ -140,12 +144,14 @@ def build_encoder_decoder(ddconfig: Dict[str, Any]) -> Tuple[nn.Module, nn.Modul
 # --------------------------------------------------------------------------------------
 # The model.
 
-class TamingVQGAN(nn.Module):
+class TamingVQGAN(Tokenizer):
     """Encoder -> quant_conv -> quantizer -> post_quant_conv -> decoder (taming's VQModel).
 
-    ``forward(x)`` returns ``(xrec, codebook_loss)``; ``forward(x, return_pred_indices=True)``
-    returns ``(xrec, codebook_loss, indices)`` with ``indices`` a (B, h, w) LongTensor of the
-    codes used for this batch (after ``remap``), which losses use for codebook statistics.
+    ``forward(x)`` returns ``(xrec, codebook_loss)``; ``forward(x, return_codes=True)``
+    returns ``(xrec, codebook_loss, (indices,))`` with ``indices`` a (B, h, w) LongTensor of
+    the codes used for this batch (after ``remap``: the model contract,
+    ``adapters/contract.py``).  ``return_pred_indices=True`` is latent-diffusion's spelling
+    and returns ``indices`` bare.
     Call it through the (possibly DDP-wrapped) model, not via ``.module``, so DDP sees the
     forward.  The adapter keeps no per-batch state of its own (taming's Decoder does record
     ``last_z_shape``).
@@ -191,6 +197,8 @@ class TamingVQGAN(nn.Module):
         self.temperature_scheduler = temperature_scheduler
 
     # ---- the contract ------------------------------------------------------------------
+    codebook_names = ("codebook",)
+
     @property
     def codebook_sizes(self) -> Tuple[int, ...]:
         return (self.n_embed,)
@@ -262,19 +270,21 @@ class TamingVQGAN(nn.Module):
         quant = self.quantize.get_codebook_entry(code_b.reshape(-1), (b, h, w, self.embed_dim))
         return self.decode(quant)
 
-    def forward(self, x: torch.Tensor, return_pred_indices: bool = False):
+    def forward(self, x: torch.Tensor, return_codes: bool = False, return_pred_indices: bool = False):
         quant, qloss, info = self.encode(x)
         dec = self.decode(quant)
-        if not return_pred_indices:
+        if not (return_codes or return_pred_indices):
             return dec, qloss
         b, _, h, w = quant.shape
-        return dec, qloss, info[2].reshape(b, h, w)
-
-    def forward_with_indices(self, x: torch.Tensor):
-        """``(xrec, codebook_loss, indices)`` -- same as ``forward(x, return_pred_indices=True)``."""
-        return self(x, return_pred_indices=True)
+        indices = info[2].reshape(b, h, w)
+        return dec, qloss, ((indices,) if return_codes else indices)
 
     # ---- Gumbel temperature ----------------------------------------------------------
+    def before_step(self, global_step: int) -> Dict[str, float]:
+        """The contract's per-step hook: GumbelVQ's temperature schedule (logged)."""
+        temperature = self.update_temperature(global_step)
+        return {} if temperature is None else {"train/gumbel_temperature": temperature}
+
     def update_temperature(self, global_step: int) -> Optional[float]:
         """GumbelVQ's ``temperature_scheduling``: set the Gumbel temperature for ``global_step``.
 
@@ -289,71 +299,129 @@ class TamingVQGAN(nn.Module):
 
 
 # --------------------------------------------------------------------------------------
-# Config -> model.
+# Rules: what a TamingVQGAN config must satisfy.  ``validate`` reports them as findings and
+# the builder refuses to build when any of them is an error (one rule set, two callers).
 
-def _near(key: str, choices) -> str:
-    near = difflib.get_close_matches(key, list(choices), n=2, cutoff=0.6)
-    return f" (did you mean {' or '.join(repr(n) for n in near)}?)" if near else ""
+def accepted_args(variant: Optional[str]) -> Tuple[List[str], bool]:
+    """model_args names of ``variant`` (every variant's names when None); strict."""
+    tables = [ACCEPTED_ARGS.get(variant, ())] if variant else list(ACCEPTED_ARGS.values())
+    return sorted({a for table in tables for a in table}) + list(_PASSED_THROUGH), True
 
 
-def _check_args(variant: str, args: Dict[str, Any]) -> None:
-    accepted = ACCEPTED_ARGS[variant]
-    unknown = [k for k in args if k not in accepted and k not in _PASSED_THROUGH]
-    if unknown:
-        other = [v for v in VARIANTS if all(k in ACCEPTED_ARGS[v] for k in unknown)]
-        where = f" ({', '.join(other)} take{'s' if len(other) == 1 else ''} {'it' if len(unknown) == 1 else 'them'})" if other else ""
-        details = "; ".join(f"{k!r}{_near(k, accepted)}" for k in unknown)
-        raise UserError(f"model_args for TamingVQGAN variant {variant}: unknown argument(s) {details}{where}. "
-                        f"Accepted: {', '.join(accepted)}. Remove or rename them.")
-    missing = [k for k in REQUIRED_ARGS if args.get(k) is None]
-    if missing:
-        raise UserError(f"model_args for TamingVQGAN: missing {', '.join(missing)}; "
-                        "add them (the sizes the checkpoint or the experiment uses)")
-    dd = args["ddconfig"]
-    if not isinstance(dd, dict):
-        raise UserError("model_args.ddconfig must be a mapping of Encoder/Decoder arguments (ch, ch_mult, ...)")
-    missing_dd = [k for k in REQUIRED_DDCONFIG if k not in dd]
-    if missing_dd:
-        raise UserError(f"model_args.ddconfig: missing {', '.join(missing_dd)}; "
-                        "add them as in taming's configs (e.g. configs/faceshq_vqgan.yaml)")
-    try:
-        widths = sorted({int(dd["ch"]) * int(m) for m in [1, *dd["ch_mult"]]})
-    except (TypeError, ValueError):
-        raise UserError("model_args.ddconfig: ch must be an integer and ch_mult a list of integers") from None
-    odd = [w for w in widths if w % 32]
-    if odd:
-        # taming's Normalize is GroupNorm(32 groups): every feature width must divide by 32.
-        raise UserError(f"model_args.ddconfig: channel widths {odd} (ch x ch_mult) are not multiples of 32, "
-                        "which taming's GroupNorm(32) needs; use ch: 32, 64, 128, ...")
-    attn_type = dd.get("attn_type", "vanilla")
-    if attn_type not in ATTN_TYPES:
-        raise UserError(f"model_args.ddconfig.attn_type: {attn_type!r} is not one of {', '.join(ATTN_TYPES)}")
+def taming_rules(data: Dict[str, Any], variant: Optional[str], out: List[Finding]) -> None:
+    """Findings about ``model_args`` (and the discriminator's input width) of a TamingVQGAN."""
+    args = data.get("model_args") or {}
+    if not isinstance(args, dict):
+        return
+    for key in REQUIRED_ARGS:
+        if args.get(key) is None:
+            out.append(Finding(ERROR, f"model_args.{key}", "missing_model_arg",
+                               f"missing {key}: TamingVQGAN needs model_args.{key}", f"add model_args.{key}"))
     for key in ("n_embed", "embed_dim"):
-        if not isinstance(args[key], int) or isinstance(args[key], bool) or args[key] <= 0:
-            raise UserError(f"model_args.{key} must be a positive integer, got {args[key]!r}")
-    if dd.get("double_z", True):
-        # A VQ model's quant_conv takes z_channels; double_z doubles the encoder output.
-        raise UserError("model_args.ddconfig.double_z is true (the Encoder default), but a VQ model "
-                        "needs z_channels encoder outputs: set double_z: false as taming's VQGAN configs do")
-    if variant == "Gumbel" and int(args["embed_dim"]) != int(dd["z_channels"]):
-        raise UserError(f"Gumbel: embed_dim ({args['embed_dim']}) must equal ddconfig.z_channels "
-                        f"({dd['z_channels']}): upstream GumbelVQ passes quant_conv's embed_dim channels to a "
-                        "quantizer built for z_channels inputs. Set both to the same value.")
+        if args.get(key) is not None and (not is_int(args[key]) or args[key] <= 0):
+            fixed = coerce_like(args[key], 1)
+            out.append(Finding(ERROR, f"model_args.{key}", "bad_type" if not is_int(args[key]) else "bad_value",
+                               f"model_args.{key} is {args[key]!r}; expected a positive integer",
+                               f"write {key}: {fixed}" if fixed and fixed > 0 else "write a positive integer",
+                               [(f"model_args.{key}", fixed)] if fixed and fixed > 0 else []))
     if args.get("use_ema"):
-        raise UserError("model_args.use_ema: latent-diffusion's weight EMA (model_ema.*) is not supported; "
-                        "set use_ema: false")
+        out.append(Finding(ERROR, "model_args.use_ema", "unsupported_model_arg",
+                           "use_ema: latent-diffusion's weight EMA (model_ema.*) is not supported",
+                           "set use_ema: false", [("model_args.use_ema", False)]))
     remap = args.get("remap")
     if remap is not None and not os.path.isfile(str(remap)):
-        raise UserError(f"model_args.remap: file not found: {remap}; give the .npy file of used code "
-                        "indices or remove remap")
+        out.append(Finding(ERROR, "model_args.remap", "file_not_found",
+                           f"remap: file not found: {remap}",
+                           "give the .npy file of used code indices or remove remap"))
+    dd = args.get("ddconfig")
+    if dd is None:
+        return
+    if not isinstance(dd, dict):
+        out.append(Finding(ERROR, "model_args.ddconfig", "bad_type", "ddconfig must be a mapping",
+                           "write ddconfig as key: value pairs of Encoder/Decoder arguments (ch, ch_mult, ...)"))
+        return
+    for key in DDCONFIG_INT_KEYS:
+        path = f"model_args.ddconfig.{key}"
+        if key not in dd:
+            out.append(Finding(ERROR, path, "missing_model_arg", f"ddconfig needs {key}",
+                               f"add {path} as in taming's configs"))
+            continue
+        value = dd[key]
+        if not is_int(value):
+            type_finding(out, path, value, 1, "an integer")
+        elif value <= 0:
+            out.append(Finding(ERROR, path, "bad_value", f"{path} is {value}; sizes must be positive",
+                               f"set {key} to a positive integer"))
+    ch_mult = dd.get("ch_mult")
+    if not isinstance(ch_mult, (list, tuple)) or not ch_mult or not all(is_int(m) for m in ch_mult):
+        out.append(Finding(ERROR, "model_args.ddconfig.ch_mult", "bad_type",
+                           f"ddconfig.ch_mult is {ch_mult!r}; expected a non-empty list of integers",
+                           "e.g. ch_mult: [1, 1, 2, 2, 4]"))
+        ch_mult = None
+    elif any(m <= 0 for m in ch_mult):
+        out.append(Finding(ERROR, "model_args.ddconfig.ch_mult", "bad_value", "ch_mult entries must be positive",
+                           "use positive channel multipliers"))
+    if "attn_resolutions" not in dd:
+        out.append(Finding(ERROR, "model_args.ddconfig.attn_resolutions", "missing_model_arg",
+                           "ddconfig needs attn_resolutions", "add model_args.ddconfig.attn_resolutions "
+                           "(e.g. [16]; [] for none)"))
+    if ch_mult and is_int(dd.get("ch")) and dd["ch"] > 0:
+        widths = sorted({dd["ch"] * m for m in [1, *ch_mult] if is_int(m)})
+        odd = [w for w in widths if w % 32]
+        if odd:
+            # taming's Normalize is GroupNorm(32 groups): every feature width must divide by 32.
+            out.append(Finding(ERROR, "model_args.ddconfig.ch", "groupnorm_width",
+                               f"channel widths {odd} (ch x ch_mult) are not multiples of 32, which taming's "
+                               "GroupNorm(32 groups) needs", "use ch: 32, 64, 128, ..."))
+    attn_type = dd.get("attn_type", "vanilla")
+    if attn_type not in ATTN_TYPES:
+        out.append(Finding(ERROR, "model_args.ddconfig.attn_type", "bad_value",
+                           f"attn_type: {attn_type!r} is not one of {', '.join(ATTN_TYPES)}",
+                           f"use one of {', '.join(ATTN_TYPES)}"))
+    if variant == "Gumbel" and is_int(args.get("embed_dim")) and is_int(dd.get("z_channels")) \
+            and args["embed_dim"] != dd["z_channels"]:
+        out.append(Finding(ERROR, "model_args.embed_dim", "gumbel_embed_dim",
+                           f"Gumbel: embed_dim ({args['embed_dim']}) must equal ddconfig.z_channels "
+                           f"({dd['z_channels']}): upstream GumbelQuantize is built for z_channels inputs",
+                           f"set embed_dim: {dd['z_channels']}", [("model_args.embed_dim", dd["z_channels"])]))
+    if dd.get("double_z", True) is not False:
+        # taming's Encoder defaults to double_z=True (for KL autoencoders); a VQ model's
+        # quant_conv takes z_channels inputs.
+        said = "double_z: true doubles" if "double_z" in dd else "double_z is not given, and taming's default (true) doubles"
+        out.append(Finding(ERROR, "model_args.ddconfig.double_z", "double_z_on_vq",
+                           f"{said} the encoder's output channels (for KL autoencoders); a VQ model's "
+                           "quant_conv expects z_channels and would fail",
+                           "set double_z: false", [("model_args.ddconfig.double_z", False)]))
+    resolution = dd.get("resolution")
+    attn = dd.get("attn_resolutions", [])
+    if ch_mult and is_int(resolution) and resolution > 0 and isinstance(attn, (list, tuple)):
+        levels = [resolution // (2 ** i) for i in range(len(ch_mult))]
+        unreachable = [a for a in attn if a not in levels]
+        if unreachable:
+            keep = [a for a in attn if a in levels]
+            out.append(Finding(WARNING, "model_args.ddconfig.attn_resolutions", "attn_unreachable",
+                               f"attn_resolutions {unreachable} are never reached (levels: {levels}); "
+                               "no attention is built there",
+                               f"use resolutions from {levels}, e.g. attn_resolutions: {keep or [levels[-1]]}",
+                               [("model_args.ddconfig.attn_resolutions", keep or [levels[-1]])]))
+        if resolution % (2 ** (len(ch_mult) - 1)):
+            out.append(Finding(ERROR, "model_args.ddconfig.resolution", "bad_value",
+                               f"resolution {resolution} is not divisible by the total downsampling "
+                               f"{2 ** (len(ch_mult) - 1)}", "use a multiple of it"))
+    params = (data.get("lossconfig") or {}).get("params") or {}
+    if isinstance(params, dict) and "disc_in_channels" in params and is_int(dd.get("out_ch")):
+        if params["disc_in_channels"] != dd["out_ch"]:
+            out.append(Finding(ERROR, "lossconfig.params.disc_in_channels", "disc_channels_mismatch",
+                               f"disc_in_channels {params['disc_in_channels']} differs from the model's out_ch "
+                               f"{dd['out_ch']}: the discriminator could not read the reconstructions",
+                               f"set disc_in_channels: {dd['out_ch']}",
+                               [("lossconfig.params.disc_in_channels", dd["out_ch"])]))
 
 
 def _build_temperature_scheduler(config):
     """Instantiate ``temperature_scheduler_config`` (only taming's own ``lr_scheduler`` classes)."""
     if config is None:
         return None
-    from adapters.registry import canonical_loss_target
-
     if not isinstance(config, dict) or "target" not in config:
         raise UserError("model_args.temperature_scheduler_config must be {target: ..., params: {...}}")
     target, _ = canonical_loss_target(str(config["target"]))
@@ -372,9 +440,6 @@ def _build_temperature_scheduler(config):
 
 
 def _config_parts(cfg) -> Tuple[str, Dict[str, Any]]:
-    from adapters.registry import RegistryError, get_model_type, resolve_variant
-    from train.schema import as_dict
-
     args = as_dict(cfg.model_args) if cfg.model_args is not None else {}
     variant = cfg.model_variant or args.get("model_variant") or "VQ"
     try:
@@ -384,17 +449,65 @@ def _config_parts(cfg) -> Tuple[str, Dict[str, Any]]:
     return variant, args
 
 
+def _tiny_config() -> Dict[str, Any]:
+    """A 32 px TamingVQGAN EMAVQ small enough for CPU tests (8x8 latent, 32 codes)."""
+    ddconfig = dict(double_z=False, z_channels=8, resolution=32, in_channels=3, out_ch=3, ch=32,
+                    ch_mult=[1, 2, 2], num_res_blocks=1, attn_resolutions=[8], dropout=0.0)
+    return {"model_type": "TamingVQGAN", "model_variant": "EMAVQ",
+            "model_args": {"n_embed": 32, "embed_dim": 8, "ddconfig": ddconfig},
+            "lossconfig": {"target": TAMING_LOSS,
+                           "params": {"disc_start": 0, "perceptual_weight": 0.0, "disc_num_layers": 1,
+                                      "disc_ndf": 8}},
+            "train": {"batch_size": 2, "learning_rate": 1e-4}, "data": {"image_size": 32}}
+
+
+TAMING_LOSS = "taming.modules.losses.vqperceptual.VQLPIPSWithDiscriminator"
+
+
+@register_model_type(
+    "TamingVQGAN",
+    description="taming-transformers first-stage VQGAN (Esser et al. 2021)",
+    loss=LossFamilySpec("taming", "taming's VQLPIPSWithDiscriminator: L1 + LPIPS + codebook loss + PatchGAN",
+                        TAMING_LOSS, aliases=("taming.modules.losses.VQLPIPSWithDiscriminator",)),
+    variants={
+        "VQ": VariantSpec("VQ", "VectorQuantizer2 codebook trained by gradients",
+                          ("taming.models.vqgan.VQModel", "ldm.models.autoencoder.VQModel")),
+        "EMAVQ": VariantSpec("EMAVQ", "codebook updated by exponential moving averages",
+                             ("taming.models.vqgan.EMAVQ",)),
+        "Gumbel": VariantSpec("Gumbel", "Gumbel-softmax quantizer", ("taming.models.vqgan.GumbelVQ",)),
+        "NoDisc": VariantSpec("NoDisc", "VQ model trained without a discriminator",
+                              ("taming.models.vqgan.VQNoDiscModel",), gan=False),
+    },
+    default_variant="VQ",
+    aliases=("VQGAN", "taming", "taming_vqgan"),
+    upstream_classes={
+        "VQModel": "VQ", "EMAVQ": "EMAVQ", "GumbelVQ": "Gumbel", "VQNoDiscModel": "NoDisc",
+        "taming.models.vqgan.VQModel": "VQ",
+        "ldm.models.autoencoder.VQModel": "VQ",
+        "ldm.models.autoencoder.VQModelInterface": "VQ",
+        "taming.models.vqgan.EMAVQ": "EMAVQ",
+        "taming.models.vqgan.GumbelVQ": "Gumbel",
+        "taming.models.vqgan.VQNoDiscModel": "NoDisc",
+    },
+    accepted_args=accepted_args,
+    rules=taming_rules,
+    codebooks=lambda variant: ("codebook",),
+    ema_codebook=lambda variant: variant == "EMAVQ",
+    tiny_config=_tiny_config,
+)
 def build_taming_vqgan(cfg) -> TamingVQGAN:
     """Build the TamingVQGAN that ``cfg`` (``ExperimentConfig`` or its DictConfig) describes.
 
-    ``model_args.ckpt_path`` loads weights (Lightning ``.ckpt``, plain state dict or
-    ``.safetensors``): ``loss.*`` entries are dropped (they belong to the loss), keys under
-    ``ignore_keys`` prefixes are skipped and keep their initial values, everything else must
-    match exactly (:func:`adapters.weights.load_model_weights`).  Upstream's EMAVQ silently
-    ignored ``ckpt_path``; here every variant honours it.
+    The config must pass the same rules ``validate`` runs (:func:`taming_rules` and the
+    accepted argument names).  ``model_args.ckpt_path`` loads weights (Lightning ``.ckpt``,
+    plain state dict or ``.safetensors``): ``loss.*`` entries are dropped (they belong to
+    the loss), keys under ``ignore_keys`` prefixes are skipped and keep their initial
+    values, everything else must match exactly (:func:`adapters.weights.load_model_weights`).
+    Upstream's EMAVQ silently ignored ``ckpt_path``; here every variant honours it.
     """
     variant, args = _config_parts(cfg)
-    _check_args(variant, args)
+    findings = check_model_args(get_model_type("TamingVQGAN"), {"model_args": args}, variant)
+    raise_for_errors(findings, f"model_args for TamingVQGAN variant {variant}")
     ddconfig = dict(args["ddconfig"])
     model = TamingVQGAN(
         variant, ddconfig, int(args["n_embed"]), int(args["embed_dim"]),

@@ -35,18 +35,21 @@ Build it from a config (``model_type: vqvae2``)::
 """
 from __future__ import annotations
 
-import difflib
 import logging
 import os
-from typing import Any, Dict, Iterator, Mapping, Tuple, Union
+from typing import Any, Dict, List, Mapping, Optional, Tuple, Union
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from adapters.contract import Tokenizer
 from adapters.distributed import all_reduce_sum_
 from adapters.ema_quantizer import ema_step_, pick_code_vectors
-from train.errors import UserError
+from adapters.registry import (LossFamilySpec, check_model_args, get_model_type, register_model_type,
+                               variant_findings)
+from train.errors import ERROR, Finding, UserError, is_int, is_number, raise_for_errors, type_finding
+from train.schema import config_data
 
 log = logging.getLogger(__name__)
 
@@ -196,7 +199,7 @@ class Decoder(nn.Module):
 # The model
 
 
-class VQVAE2(nn.Module):
+class VQVAE2(Tokenizer):
     """Two-level VQ-VAE-2 with rosinality's module names (see the module docstring).
 
     Inputs are images in [-1, 1] whose height and width are multiples of 8 (the top codes
@@ -221,22 +224,20 @@ class VQVAE2(nn.Module):
         self.dec = Decoder(embed_dim + embed_dim, in_channel, channel, n_res_block, n_res_channel,
                            stride=4)
 
-    # ---- the model contract (adapters/__init__.py) -------------------------------------
-    def forward(self, x: torch.Tensor, return_indices: bool = False):
+    # ---- the model contract (adapters/contract.py) -------------------------------------
+    codebook_names = ("top", "bottom")
+
+    def forward(self, x: torch.Tensor, return_codes: bool = False):
         """``x`` -> ``(reconstruction, latent_loss)`` as rosinality's, latent_loss of shape (1,).
 
-        ``return_indices=True`` adds ``(id_t, id_b)``; the loss family asks for them through
+        ``return_codes=True`` adds ``(id_t, id_b)``; the loss family asks for them through
         ``forward`` so that a DDP wrapper sees the call.
         """
         quant_t, quant_b, diff, id_t, id_b = self.encode(x)
         xrec = self.decode(quant_t, quant_b)
-        if return_indices:
+        if return_codes:
             return xrec, diff, (id_t, id_b)
         return xrec, diff
-
-    def forward_with_indices(self, x: torch.Tensor):
-        """``x`` -> ``(reconstruction, latent_loss, (id_t, id_b))``."""
-        return self.forward(x, return_indices=True)
 
     def encode(self, x: torch.Tensor):
         """``x`` -> ``(quant_t, quant_b, latent_loss, id_t, id_b)`` (rosinality's order).
@@ -301,10 +302,6 @@ class VQVAE2(nn.Module):
         """Weight of the decoder's final transposed conv (for the adaptive GAN weight)."""
         return self.dec.blocks[-1].weight
 
-    def generator_parameters(self) -> Iterator[nn.Parameter]:
-        """Every parameter: the EMA codebooks are buffers, updated by EMA only."""
-        return self.parameters()
-
     @property
     def codebook_sizes(self) -> Tuple[int, int]:
         """(top, bottom) number of codes."""
@@ -315,60 +312,88 @@ class VQVAE2(nn.Module):
 # Builder and checkpoint helpers
 
 
-def _check_args(args: Mapping[str, Any]) -> Dict[str, Any]:
-    """Merge ``model_args`` over rosinality's defaults; bad values -> UserError."""
-    out = dict(DEFAULTS)
-    ignored = []
-    for key, value in args.items():
-        if key in DEFAULTS:
-            out[key] = value
+INT_ARGS = ("in_channel", "channel", "n_res_block", "n_res_channel", "embed_dim", "n_embed")
+
+
+def accepted_args(variant: Optional[str]) -> Tuple[List[str], bool]:
+    """rosinality's constructor names and ``ckpt_path``; other names are ignored (warned)."""
+    return list(DEFAULTS) + ["ckpt_path"], False
+
+
+def vqvae2_rules(data: Dict[str, Any], variant: Optional[str], out: List[Finding]) -> None:
+    """Findings about a vqvae2 config's ``model_args`` and crop size."""
+    args = data.get("model_args") or {}
+    if not isinstance(args, dict):
+        return
+    for key in INT_ARGS:
+        if key not in args:
             continue
-        near = difflib.get_close_matches(key, list(DEFAULTS), n=1, cutoff=0.8)
-        if near:
-            raise UserError(f"vqvae2: unknown model_args key {key!r}; did you mean {near[0]!r}? "
-                            f"vqvae2 takes {', '.join(DEFAULTS)}, ckpt_path")
-        ignored.append(key)
-    if ignored:
-        log.warning(f"vqvae2 ignores model_args {', '.join(sorted(ignored))} "
-                    f"(it takes {', '.join(DEFAULTS)}, ckpt_path)")
-    for key in ("in_channel", "channel", "n_res_block", "n_res_channel", "embed_dim", "n_embed"):
-        value = out[key]
-        if isinstance(value, bool) or not isinstance(value, int):
-            raise UserError(f"vqvae2: model_args.{key} must be an integer, got {value!r}")
-        minimum = 0 if key == "n_res_block" else 1
-        if value < minimum:
-            raise UserError(f"vqvae2: model_args.{key} must be >= {minimum}, got {value}")
-    if out["channel"] < 2:
-        raise UserError(f"vqvae2: model_args.channel must be >= 2 (the encoders use channel // 2), "
-                        f"got {out['channel']}")
-    decay = out["decay"]
-    if isinstance(decay, bool) or not isinstance(decay, (int, float)) or not 0.0 <= decay < 1.0:
-        raise UserError(f"vqvae2: model_args.decay must be a number in [0, 1), got {decay!r}")
-    out["decay"] = float(decay)
-    return out
+        value, minimum = args[key], (0 if key == "n_res_block" else 1)
+        if not is_int(value):
+            type_finding(out, f"model_args.{key}", value, 1, f"an integer ({key} must be an integer)")
+        elif value < minimum:
+            out.append(Finding(ERROR, f"model_args.{key}", "bad_value",
+                               f"model_args.{key} is {value}; {key} must be >= {minimum}",
+                               f"set {key} to a {'non-negative' if minimum == 0 else 'positive'} integer"))
+    channel = args.get("channel")
+    if is_int(channel) and channel == 1:
+        out.append(Finding(ERROR, "model_args.channel", "bad_value",
+                           "model_args.channel must be >= 2 (the encoders use channel // 2), got 1",
+                           "set channel: 2 or more"))
+    decay = args.get("decay")
+    if "decay" in args and not (is_number(decay) and 0.0 <= decay < 1.0):
+        out.append(Finding(ERROR, "model_args.decay", "bad_value",
+                           f"model_args.decay is {decay!r}; decay must be a number in [0, 1)",
+                           "write e.g. decay: 0.99"))
+    size = (data.get("data") or {}).get("image_size")
+    if is_int(size) and size % 8:
+        fixed = max(8, size // 8 * 8)
+        out.append(Finding(ERROR, "data.image_size", "bad_value",
+                           f"vqvae2 needs data.image_size divisible by 8 (top codes sit at 1/8 of the image), "
+                           f"got {size}", f"use e.g. {fixed}", [("data.image_size", fixed)]))
 
 
+def _tiny_config() -> Dict[str, Any]:
+    """A 32 px vqvae2 small enough for CPU tests (two 16-code EMA codebooks)."""
+    return {"model_type": "vqvae2",
+            "model_args": {"channel": 16, "n_res_block": 1, "n_res_channel": 8, "embed_dim": 8, "n_embed": 16},
+            "lossconfig": {"params": {"disc_start": 0, "disc_num_layers": 1, "disc_ndf": 8}},
+            "train": {"batch_size": 2, "learning_rate": 1e-4}, "data": {"image_size": 32}}
+
+
+@register_model_type(
+    "vqvae2",
+    description="VQ-VAE-2 (Razavi et al. 2019), rosinality/vq-vae-2-pytorch layout, EMA codebooks",
+    loss=LossFamilySpec("vqvae2", "VQ-VAE-2: MSE + latent_loss_weight * latent loss, optional LPIPS and PatchGAN",
+                        "losses.vqvae2_loss.VQVAE2Loss"),
+    aliases=("VQVAE2", "vq-vae-2", "vq_vae_2", "VQVAE", "vqvae2.VQVAE"),
+    accepted_args=accepted_args,
+    rules=vqvae2_rules,
+    codebooks=lambda variant: ("top", "bottom"),
+    ema_codebook=lambda variant: True,
+    tiny_config=_tiny_config,
+    mismatch_hint="VQ-VAE-2's codebooks are always EMA",
+)
 def build_vqvae2(cfg) -> VQVAE2:
-    """Registry builder (``adapters.vqvae2:build_vqvae2``): ``cfg.model_args`` use rosinality's
-    constructor names (in_channel, channel, n_res_block, n_res_channel, embed_dim, n_embed,
-    decay); missing ones take rosinality's defaults.  ``model_args.ckpt_path`` names a
-    rosinality ``vqvae_*.pt`` state dict to load (strictly) into the new model."""
-    from train.schema import as_dict
-
-    if getattr(cfg, "model_variant", None):
-        raise UserError(f"model_type 'vqvae2' has no variants, got model_variant "
-                        f"{cfg.model_variant!r}. Remove model_variant (for taming's EMAVQ use "
-                        "model_type 'TamingVQGAN').")
-    size = getattr(getattr(cfg, "data", None), "image_size", None)
-    if isinstance(size, int) and size % 8:
-        raise UserError(f"vqvae2 needs data.image_size divisible by 8 (top codes sit at 1/8 of the "
-                        f"image), got {size}; use e.g. {max(8, size // 8 * 8)}")
-    args = as_dict(cfg.model_args)
-    ckpt_path = args.pop("ckpt_path", None)
-    model = VQVAE2(**_check_args(args))
-    if ckpt_path:
+    """Registry builder: ``cfg.model_args`` use rosinality's constructor names (in_channel,
+    channel, n_res_block, n_res_channel, embed_dim, n_embed, decay); missing ones take
+    rosinality's defaults.  The config must pass :func:`vqvae2_rules` (what ``validate``
+    runs).  ``model_args.ckpt_path`` names a rosinality ``vqvae_*.pt`` state dict to load
+    (strictly) into the new model."""
+    data = config_data(cfg)
+    findings = variant_findings(get_model_type("vqvae2"), data)
+    findings += check_model_args(get_model_type("vqvae2"), data, None)
+    raise_for_errors(findings, "vqvae2")
+    for finding in findings:
+        if finding.code == "ignored_model_arg":
+            log.warning(finding.message)
+    args = data.get("model_args") or {}
+    kwargs = {k: args.get(k, default) for k, default in DEFAULTS.items()}
+    kwargs["decay"] = float(kwargs["decay"])
+    model = VQVAE2(**kwargs)
+    if args.get("ckpt_path"):
         # A rosinality (or this tool's exported) state dict, loaded strictly.
-        load_rosinality_checkpoint(model, ckpt_path)
+        load_rosinality_checkpoint(model, args["ckpt_path"])
     return model
 
 

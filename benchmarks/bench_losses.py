@@ -9,7 +9,7 @@ alternating (the order rotates every round), one timed iteration per sample, and
 median times and their ratio:
 
 (a) generator step with ``use_gan: false``: ``TamingLossCalculator.generator_step`` vs taming's
-    ``VQLPIPSWithDiscriminator`` with ``disc_factor = 0`` (seed 002's approach) vs a loss with
+    ``VQLPIPSWithDiscriminator`` with ``disc_factor = 0`` (the legacy EMAVQ trainers' approach) vs a loss with
     no GAN term at all (L1 [+ LPIPS] + codebook).  Target: <= 1.05x the GAN-free loss.
 (b) one full GAN iteration (generator update + discriminator update) after ``disc_start``:
     ``generator_step`` + ``discriminator_step`` (one generator forward) vs taming's
@@ -142,7 +142,7 @@ def bench_a(args, model, batch):
     x = batch["image"]
     calc_off = TamingLossCalculator.build(make_cfg(False, args.perceptual))
     ref_zero = taming_reference_loss(calc_off, args.perceptual)
-    ref_zero.disc_factor = 0.0   # seed 002: taming's loss with disc_factor forced to 0
+    ref_zero.disc_factor = 0.0   # legacy trainers: taming's loss with disc_factor forced to 0
     perceptual_module = calc_off.perceptual_loss if args.perceptual else None
 
     def ours_off():

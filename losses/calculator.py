@@ -1,7 +1,8 @@
 """``LossCalculator``: one interface in front of every loss family.
 
 ``LossCalculator.from_config(cfg)`` looks up the model type's loss family in the registry
-(``adapters/registry.py``) and returns that family's subclass:
+(``adapters/registry.py``) and returns the subclass registered for it
+(``@register_loss_implementation(family)``):
 
 * ``losses.taming_loss.TamingLossCalculator`` -- taming's real ``VQLPIPSWithDiscriminator``
 * ``losses.vqvae2_loss.VQVAE2LossCalculator`` -- VQ-VAE-2 MSE + latent loss
@@ -18,11 +19,57 @@ single ``use_gan: false`` warning.
 """
 from __future__ import annotations
 
+import inspect
 from dataclasses import dataclass, field
-from typing import Any, Dict, Optional
+from typing import Any, Callable, Dict, List, Optional, Tuple
 
 import torch
 from torch import nn
+
+from adapters.registry import get_loss_implementation, get_model_type
+from train.errors import DELETE, ERROR, Finding, is_int, is_number, near, type_finding
+
+
+def constructor_parameters(cls: Callable) -> Dict[str, inspect.Parameter]:
+    """Keyword parameters of a loss class's constructor (or a dataclass's fields)."""
+    target = cls if hasattr(cls, "__dataclass_fields__") else cls.__init__
+    params = dict(inspect.signature(target).parameters)
+    params.pop("self", None)
+    return {k: p for k, p in params.items() if p.kind not in (p.VAR_KEYWORD, p.VAR_POSITIONAL)}
+
+
+def param_findings(family: str, params: Dict[str, Any], signature: Dict[str, inspect.Parameter],
+                   check_types: bool = True) -> List[Finding]:
+    """``lossconfig.params`` checked against a constructor: unknown names (with the nearest
+    valid one) and, with ``check_types``, values whose type differs from the default's."""
+    out: List[Finding] = []
+    for key, value in params.items():
+        path = f"lossconfig.params.{key}"
+        if key not in signature:
+            close = near(key, list(signature))
+            out.append(Finding(ERROR, path, "unknown_loss_param",
+                               f"the {family} loss has no parameter {key!r}."
+                               + (f" Did you mean {close!r}?" if close else ""),
+                               f"rename it to {close}" if close else
+                               f"remove it; valid parameters: {', '.join(signature)}",
+                               [(path, DELETE), (f"lossconfig.params.{close}", value)] if close else [(path, DELETE)]))
+            continue
+        if not check_types:
+            continue
+        default = signature[key].default
+        if default is inspect.Parameter.empty or default is None or value is None:
+            if key == "disc_start" and not is_int(value):
+                type_finding(out, path, value, 0, "an integer (steps)")
+            continue
+        if isinstance(default, bool):
+            if not isinstance(value, bool):
+                type_finding(out, path, value, default, "true or false")
+        elif isinstance(default, (int, float)):
+            if not is_number(value):
+                type_finding(out, path, value, default, "a number")
+        elif isinstance(default, str) and not isinstance(value, str):
+            type_finding(out, path, value, default, "a string")
+    return out
 
 
 @dataclass
@@ -33,7 +80,7 @@ class GeneratorOutput:
     log: Dict[str, torch.Tensor]            # "{split}/name" -> detached scalar
     inputs: torch.Tensor                    # the batch images, (B, C, H, W) in [-1, 1]
     reconstructions: torch.Tensor           # detached reconstructions, same shape
-    indices: Optional[Any] = None           # code indices (tensor, or tuple of tensors for vqvae2)
+    codes: Tuple[torch.Tensor, ...] = ()    # code maps, one per codebook (the model contract)
     extra: Dict[str, Any] = field(default_factory=dict)
 
 
@@ -46,8 +93,6 @@ class LossCalculator(nn.Module):
     @classmethod
     def from_config(cls, cfg) -> "LossCalculator":
         """Build the calculator for ``cfg`` (an ``ExperimentConfig``)."""
-        from adapters.registry import get_loss_implementation, get_model_type
-
         spec = get_model_type(cfg.model_type)
         impl = get_loss_implementation(spec.loss_family)
         if cls is not LossCalculator and not issubclass(impl, cls):
@@ -57,6 +102,12 @@ class LossCalculator(nn.Module):
     @classmethod
     def build(cls, cfg) -> "LossCalculator":  # pragma: no cover - abstract
         raise NotImplementedError
+
+    @classmethod
+    def param_rules(cls, data: Dict[str, Any], check_types: bool = True) -> List[Finding]:
+        """Findings about ``lossconfig.params`` of a config (plain data in the schema's
+        shape).  ``validate`` reports them; :meth:`build` refuses on their errors."""
+        return []
 
     # ---- the GAN schedule --------------------------------------------------------
     use_gan: bool = False

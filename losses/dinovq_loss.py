@@ -1,7 +1,7 @@
 """The DinoVQ loss family: DINO distillation + reconstruction + VQ commitment, optional LPIPS
 and PatchGAN, behind the same ``LossCalculator`` interface as the taming family.
 
-Terms (seed 000; every one is returned unweighted and as a ``*_weighted`` twin):
+Terms (the DinoVQ reference API's keys; every one is returned unweighted and as a ``*_weighted`` twin):
 
 * ``dino_loss``       1 - cosine(student head, teacher patch feature), averaged over tokens
                       (BEiT v2 VQ-KD, Peng et al. 2022, eq. 1).
@@ -20,10 +20,10 @@ The discriminator update returns ``disc_loss`` (hinge, times the disc factor),
 ``logits_real`` and ``logits_fake`` (means).
 
 Where things live.  ``DinoVQLoss`` is an ``nn.Module`` holding the LPIPS network and the
-discriminator.  The seed's API builds one inside the model (``model.loss_fn``, so
-``model.loss_fn.discriminator`` exists and a seed-style state dict carries
+discriminator.  The reference API (``losses/dinovq_model.py``) builds one inside the model
+(``model.loss_fn``, so ``model.loss_fn.discriminator`` exists and its state dict carries
 ``loss_fn.discriminator.*``, like taming's ``loss.discriminator.*``).  The generic trainer
-instead builds the model *without* a loss (``adapters.dinovq.build_dinovq``) and a
+instead builds the network *without* a loss (``adapters.dinovq.build_dinovq``) and a
 ``DinoVQLossCalculator`` that owns the ``DinoVQLoss``: the model then holds generator
 weights only (DDP sees no parameter that the generator step leaves without a gradient),
 and the calculator's ``discriminator`` is what the trainer optimises and checkpoints.
@@ -36,25 +36,22 @@ frozen for the forward) and the discriminator step only sees detached images.
 from __future__ import annotations
 
 import logging
-from typing import Dict, Optional, Sequence
+from typing import Any, Dict, List, Optional, Sequence
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from losses.calculator import GeneratorOutput, LossCalculator
+from adapters.dino_features import FeatureShapeError
+from adapters.dinovq import LOSS_ARG_NAMES, dinovq_rules, student_geometry
+from adapters.registry import register_loss_implementation
+from losses.calculator import GeneratorOutput, LossCalculator, constructor_parameters, param_findings
 from losses.gan import adaptive_weight, build_discriminator, disc_factor_at, get_d_loss, requires_grad_off
-from train.errors import UserError
+from losses.perceptual import build_taming_lpips
+from train.errors import Finding, UserError, raise_for_errors
+from train.schema import as_dict, config_data
 
 log = logging.getLogger(__name__)
-
-
-class FeatureShapeError(UserError, ValueError):
-    """Teacher features whose shape does not match the student's token grid.
-
-    A ``UserError`` (a feature cache made for another image size or teacher is bad input)
-    and a ``ValueError`` (wrong arguments to ``compute_loss``).
-    """
 
 
 # ---------------------------------------------------------------------------------------
@@ -92,7 +89,7 @@ def _scalar(value: float, like: torch.Tensor) -> torch.Tensor:
 
 
 class DinoVQLoss(nn.Module):
-    """Owns LPIPS and the discriminator; computes the seed's generator / discriminator terms."""
+    """Owns LPIPS and the discriminator; computes the reference API's generator / discriminator terms."""
 
     def __init__(self, dino_loss_weight: float = 1.0, recon_loss_weight: float = 1.0,
                  vq_loss_weight: float = 1.0, use_perceptual: bool = False,
@@ -113,8 +110,6 @@ class DinoVQLoss(nn.Module):
         self.d_loss = get_d_loss(disc_loss)
         self.perceptual = None
         if self.use_perceptual:
-            from losses.perceptual import build_taming_lpips
-
             # taming's LPIPS freezes its own parameters and stays in eval mode.
             self.perceptual = build_taming_lpips(vgg_ckpt_path=vgg_ckpt_path,
                                                  allow_random_vgg=allow_random_vgg).eval()
@@ -137,7 +132,7 @@ class DinoVQLoss(nn.Module):
                        dino_pred: torch.Tensor, vq_loss: torch.Tensor, dino_features: torch.Tensor,
                        global_step: int = 0,
                        last_layer: Optional[torch.Tensor] = None) -> Dict[str, torch.Tensor]:
-        """The seed's generator dict: base terms, optional terms, their weighted twins, total."""
+        """The reference API's generator dict: base terms, optional terms, their weighted twins, total."""
         check_feature_shape(dino_features, dino_pred.shape)
         terms = {"dino_loss": dino_cosine_loss(dino_pred, dino_features),
                  "recon_loss": recon_mse(inputs, reconstructions),
@@ -177,7 +172,7 @@ class DinoVQLoss(nn.Module):
     # ---- discriminator -------------------------------------------------------------
     def discriminator_loss(self, inputs: torch.Tensor, reconstructions: torch.Tensor,
                            global_step: int = 0) -> Dict[str, torch.Tensor]:
-        """The seed's discriminator dict.  Both images are detached here."""
+        """The reference API's discriminator dict.  Both images are detached here."""
         if not self.use_gan:
             raise ValueError("discriminator update requested but use_gan is False: this DinoVQ model "
                              "has no discriminator; set use_gan=True or only run generator updates")
@@ -197,22 +192,14 @@ class DinoVQLoss(nn.Module):
                 "logits_fake": logits_fake.detach().mean()}
 
 
-LOSS_ARG_NAMES = ("dino_loss_weight", "recon_loss_weight", "vq_loss_weight", "use_perceptual",
-                  "perceptual_weight", "vgg_ckpt_path", "allow_random_vgg", "use_gan", "disc_start",
-                  "disc_weight", "disc_factor", "disc_dim", "disc_num_layers", "disc_adaptive_weight",
-                  "disc_loss", "disc_in_channels")
-
-
 def loss_kwargs_from_config(cfg) -> Dict[str, object]:
     """``DinoVQLoss`` arguments from an ``ExperimentConfig``.
 
-    Loss settings come from ``model_args`` (the seed's constructor names).  The GAN is on
-    only when both ``model_args.use_gan`` (the seed's switch, default false) and the global
+    Loss settings come from ``model_args`` (the reference API's constructor names).  The GAN
+    is on only when both ``model_args.use_gan`` (default false) and the global
     ``train.use_gan`` (default true) are true.  ``train.vgg_ckpt_path`` and
     ``train.allow_random_vgg`` supply the VGG settings the model args leave out.
     """
-    from train.schema import as_dict
-
     args = as_dict(cfg.model_args)
     train = cfg.train
     kwargs = {k: args[k] for k in LOSS_ARG_NAMES if k in args}
@@ -234,15 +221,14 @@ def _unwrap(model: nn.Module) -> nn.Module:
     return getattr(model, "module", model)  # DDP / DataParallel keep the model in .module
 
 
+@register_loss_implementation("dinovq")
 class DinoVQLossCalculator(LossCalculator):
-    """``LossCalculator`` for DinoVQ (registry: ``losses.dinovq_loss:DinoVQLossCalculator``).
+    """``LossCalculator`` for DinoVQ.
 
-    The batch is ``{"image": (B, 3, H, W) in [-1, 1], "dino_features": (B, N, dino_dim)}``.
-    When ``"dino_features"`` is missing, the calculator asks its ``feature_source`` (set by
-    :meth:`build`): the frozen teacher online (``adapters.dino_teacher``), or the cache of
-    ``data.feature_cache`` looked up by ``batch["path"]``.  The teacher is kept out of this
-    module's parameters and state dict (it is never trained nor saved), but follows
-    ``.to(device)``.
+    The batch is ``{"image": (B, 3, H, W) in [-1, 1], "dino_features": (B, N, dino_dim)}``:
+    the teacher features arrive in the batch (the DinoVQ registration's batch hook,
+    ``adapters.dinovq.teacher_features_hook``, adds them from the frozen teacher or a feature
+    cache); a loss never fetches data itself.
 
     ``discriminator`` is ``loss_fn.discriminator`` (None without the GAN); checkpoint it as
     ``discriminator.*``.
@@ -250,47 +236,37 @@ class DinoVQLossCalculator(LossCalculator):
 
     family = "dinovq"
 
-    def __init__(self, loss_fn: DinoVQLoss, disc_update_every: int = 1, feature_source=None):
+    def __init__(self, loss_fn: DinoVQLoss, disc_update_every: int = 1):
         super().__init__()
         self.loss_fn = loss_fn
         self.disc_update_every = max(1, int(disc_update_every))
-        # A plain attribute in a list: not a submodule, so never in state_dict / parameters.
-        self._feature_source = [feature_source]
 
     @classmethod
-    def build(cls, cfg, feature_source="auto") -> "DinoVQLossCalculator":
-        """From an ``ExperimentConfig``.  ``feature_source="auto"`` uses the feature cache
-        when ``data.feature_cache`` is set and the teacher of ``cfg.teacher`` otherwise;
-        ``None`` means the trainer always supplies ``batch["dino_features"]``."""
-        from adapters.dino_teacher import student_geometry
-        from train.schema import as_dict
-
+    def build(cls, cfg) -> "DinoVQLossCalculator":
+        """From an ``ExperimentConfig``; the config must pass the DinoVQ rules about crops."""
+        findings: List[Finding] = []
+        dinovq_rules(config_data(cfg), None, findings)
+        raise_for_errors([f for f in findings if f.path.startswith("data.")], "DinoVQ")
         (h, w), _ = student_geometry(cfg)
-        size = int(cfg.data.image_size)
-        if (h, w) != (size, size):
-            raise UserError(f"data.image_size is {size} but model_args.img_size is {[h, w]}: DinoVQ trains on "
-                            f"square crops of its own input size; set data.image_size: {h} and "
-                            f"model_args.img_size: [{h}, {h}]" if h == w else
-                            f"model_args.img_size {[h, w]} is not square: training crops are square; "
+        if h != w:
+            raise UserError(f"model_args.img_size {[h, w]} is not square: training crops are square; "
                             f"set model_args.img_size: [{h}, {h}] and data.image_size: {h}")
+        if (h, w) != (int(cfg.data.image_size),) * 2:
+            raise UserError(f"data.image_size is {cfg.data.image_size} but model_args.img_size is {[h, w]}: "
+                            f"DinoVQ trains on square crops of its own input size; set data.image_size: {h}")
         kwargs = loss_kwargs_from_config(cfg)
         if as_dict(cfg.model_args).get("use_gan") and not kwargs["use_gan"]:
             # The one message a loss family may emit: the GAN the model args ask for is off.
             log.warning("train.use_gan is false: DinoVQ trains without its GAN although model_args.use_gan "
                         "is true (no discriminator, no discriminator optimizer, disc_factor 0)")
-        calc = cls(DinoVQLoss(**kwargs),
-                   disc_update_every=getattr(cfg.train, "disc_update_every", 1))
-        if feature_source == "auto":
-            if getattr(cfg.data, "feature_cache", None):
-                from train.features import FeatureCache
+        return cls(DinoVQLoss(**kwargs), disc_update_every=getattr(cfg.train, "disc_update_every", 1))
 
-                feature_source = FeatureCache.for_config(cfg)
-            else:
-                from adapters.dino_teacher import build_teacher
-
-                feature_source = build_teacher(cfg)
-        calc.feature_source = feature_source
-        return calc
+    @classmethod
+    def param_rules(cls, data: Dict[str, Any], check_types: bool = True) -> List[Finding]:
+        """DinoVQ's loss settings live in model_args (checked by the DinoVQ rules); anything
+        in ``lossconfig.params`` must at least be a ``DinoVQLoss`` argument."""
+        params = (data.get("lossconfig") or {}).get("params") or {}
+        return param_findings("dinovq", params, constructor_parameters(DinoVQLoss), check_types)
 
     # ---- attributes the trainer reads ---------------------------------------------------
     @property
@@ -309,21 +285,7 @@ class DinoVQLossCalculator(LossCalculator):
                 self.loss_fn.discriminator = value
             # (before loss_fn exists: the base class's ``discriminator = None``, nothing to keep)
             return
-        if name == "feature_source":
-            # The teacher must not become a submodule (no state_dict / parameters entries).
-            self.__dict__["_feature_source"] = [value]
-            return
         super().__setattr__(name, value)
-
-    @property
-    def feature_source(self):
-        return self._feature_source[0]
-
-    def _apply(self, fn, *args, **kwargs):
-        super()._apply(fn, *args, **kwargs)
-        if isinstance(self.feature_source, nn.Module):
-            self.feature_source._apply(fn, *args, **kwargs)
-        return self
 
     # ---- schedule -----------------------------------------------------------------------
     def disc_factor_at(self, global_step: int) -> float:
@@ -334,34 +296,22 @@ class DinoVQLossCalculator(LossCalculator):
                 and global_step % self.disc_update_every == 0)
 
     # ---- steps --------------------------------------------------------------------------
-    def features_for(self, batch: Dict[str, torch.Tensor]) -> torch.Tensor:
-        """The teacher features of ``batch``: given, looked up in the cache, or computed."""
-        feats = batch.get("dino_features")
-        if feats is not None:
-            return feats.to(batch["image"].device)
-        source = self.feature_source
-        if source is None:
-            raise UserError("DinoVQ needs teacher features: the batch has no 'dino_features' and no "
-                            "teacher or feature cache is configured; set teacher.ckpt_path (or "
-                            "teacher.allow_random for tests) or data.feature_cache")
-        if hasattr(source, "features_for_batch"):
-            return source.features_for_batch(batch)
-        from adapters.dino_teacher import features_for_batch
-
-        return features_for_batch(source, batch["image"])
-
     def generator_step(self, model: nn.Module, batch: Dict[str, torch.Tensor], global_step: int,
                        split: str = "train") -> GeneratorOutput:
         images = batch["image"]
-        feats = self.features_for(batch)
+        feats = batch.get("dino_features")
+        if feats is None:
+            raise UserError("DinoVQ needs teacher features: the batch has no 'dino_features'; the trainer adds "
+                            "them through the DinoVQ batch hook from teacher.ckpt_path (or teacher.allow_random "
+                            "for tests) or data.feature_cache")
         out = model(images, return_dict=True)
         terms = self.loss_fn.generator_loss(images, out["reconstructions"], out["dino_pred"],
-                                            out["vq_loss"], feats, global_step,
+                                            out["vq_loss"], feats.to(images.device), global_step,
                                             last_layer=_unwrap(model).get_last_layer())
         log_ = {f"{split}/{k}": v.detach().float() for k, v in terms.items()}
         return GeneratorOutput(loss=terms["total_loss"], log=log_, inputs=images,
                                reconstructions=out["reconstructions"].detach(),
-                               indices=out["indices"])
+                               codes=(out["indices"],))
 
     def discriminator_step(self, out: GeneratorOutput, global_step: int, split: str = "train"):
         terms = self.loss_fn.discriminator_loss(out.inputs, out.reconstructions, global_step)

@@ -49,21 +49,22 @@ Like taming, LPIPS' linear layers keep their dropout, which is active in ``train
 from __future__ import annotations
 
 import contextlib
-import difflib
 import inspect
 import io
 import logging
-from typing import Any, Dict, Optional, Tuple
+from typing import Any, Dict, List, Optional, Tuple
 
 import torch
 from torch import nn
 from taming.modules.losses import vqperceptual
 from taming.modules.losses.vqperceptual import VQLPIPSWithDiscriminator, adopt_weight
 
-from losses.calculator import GeneratorOutput, LossCalculator
+from adapters.registry import register_loss_implementation, spec_for_config
+from losses.calculator import GeneratorOutput, LossCalculator, constructor_parameters, param_findings
 from losses.gan import D_LOSSES, disc_factor_at, requires_grad_off
 from losses.perceptual import build_taming_lpips
-from train.errors import UserError
+from train.errors import ERROR, Finding, UserError, raise_for_errors
+from train.schema import as_dict, config_data
 
 log = logging.getLogger(__name__)
 
@@ -105,28 +106,7 @@ def _fp16_autocast(t: torch.Tensor) -> bool:
     return torch.is_autocast_enabled(device) and torch.get_autocast_dtype(device) == torch.float16
 
 
-def _run_model(model: nn.Module, x: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor, Optional[Any]]:
-    """One generator forward: ``(xrec, codebook_loss, indices or None)``.
-
-    A wrapped model (DDP) is always called through the wrapper so DDP sees the forward; the
-    adapters return indices from ``forward(x, return_pred_indices=True)``
-    (``forward_with_indices`` is the same call on an unwrapped model).
-    """
-    inner = getattr(model, "module", model)
-    try:
-        takes_flag = "return_pred_indices" in inspect.signature(inner.forward).parameters
-    except (TypeError, ValueError):
-        takes_flag = False
-    if takes_flag:
-        xrec, qloss, indices = model(x, return_pred_indices=True)
-        return xrec, qloss, indices
-    if inner is model and hasattr(model, "forward_with_indices"):
-        xrec, qloss, indices = model.forward_with_indices(x)
-        return xrec, qloss, indices
-    out = model(x)
-    return out[0], out[1], None
-
-
+@register_loss_implementation("taming")
 class TamingLossCalculator(LossCalculator, VQLPIPSWithDiscriminator):
     """taming's ``VQLPIPSWithDiscriminator``, built offline, with ``use_gan`` honoured.
 
@@ -183,23 +163,10 @@ class TamingLossCalculator(LossCalculator, VQLPIPSWithDiscriminator):
     def build(cls, cfg) -> "TamingLossCalculator":
         """From an ``ExperimentConfig`` (or its DictConfig): ``lossconfig.params`` are taming's
         constructor arguments; ``train`` gives use_gan, disc_update_every and the VGG file."""
-        from train.schema import as_dict
-
+        # The rules validate runs; numbers written as text ("1e4") are converted below.
+        data = config_data(cfg)
+        raise_for_errors(cls.param_rules(data, check_types=False), "taming loss")
         params = as_dict(cfg.lossconfig.params) if cfg.lossconfig is not None else {}
-        valid = [k for k in TAMING_LOSS_DEFAULTS]
-        for key in params:
-            if key not in TAMING_LOSS_DEFAULTS:
-                near = difflib.get_close_matches(key, valid, n=1)
-                hint = f" Did you mean {near[0]!r}?" if near else ""
-                raise UserError(f"lossconfig.params.{key} is not an argument of taming's VQLPIPSWithDiscriminator."
-                                f"{hint} Valid: {', '.join(valid)}")
-        if "disc_start" not in params:
-            raise UserError("lossconfig.params.disc_start is missing (taming's VQLPIPSWithDiscriminator has no "
-                            "default): the global step at which the GAN term starts, e.g. disc_start: 10000")
-        disc_loss = params.get("disc_loss", TAMING_LOSS_DEFAULTS["disc_loss"])
-        if disc_loss not in D_LOSSES:
-            raise UserError(f"lossconfig.params.disc_loss {disc_loss!r} is unknown; valid choices: "
-                            f"{', '.join(sorted(D_LOSSES))}")
         for key, value in list(params.items()):
             kind = _PARAM_TYPES.get(key)
             try:
@@ -207,21 +174,43 @@ class TamingLossCalculator(LossCalculator, VQLPIPSWithDiscriminator):
             except (TypeError, ValueError):
                 what = "a whole number" if kind is _whole_number else "a number"
                 raise UserError(f"lossconfig.params.{key} must be {what}, got {value!r}") from None
-        if params.get("disc_conditional"):
-            raise UserError("lossconfig.params.disc_conditional: true needs a conditioning input that VQGAN "
-                            "training never passes (taming's VQModel fails its own assert); set it to false")
         if "disc_in_channels" not in params:
             ddconfig = as_dict(cfg.model_args).get("ddconfig") or {}
             params["disc_in_channels"] = int(ddconfig.get("out_ch", TAMING_LOSS_DEFAULTS["disc_in_channels"]))
         train = cfg.train
         use_gan = bool(train.use_gan)
         reason = None
-        if use_gan and str(getattr(cfg, "model_variant", None) or "").lower() == "nodisc":
-            use_gan, reason = False, "model_variant NoDisc trains without a discriminator"
+        spec, variant = spec_for_config(cfg)
+        if use_gan and variant is not None and not spec.variants[variant].gan:
+            use_gan, reason = False, f"model_variant {variant} trains without a discriminator"
         disc_start = params.pop("disc_start")
         return cls(disc_start, use_gan=use_gan, disc_update_every=train.disc_update_every,
                    vgg_ckpt_path=train.vgg_ckpt_path, allow_random_vgg=bool(train.allow_random_vgg),
                    gan_off_reason=reason, **params)
+
+    @classmethod
+    def param_rules(cls, data: Dict[str, Any], check_types: bool = True) -> List[Finding]:
+        """taming's constructor names (and, with ``check_types``, value types), plus what its
+        constructor cannot catch: a missing ``disc_start``, an unknown ``disc_loss``, and
+        ``disc_conditional`` (VQGAN training never passes the conditioning input)."""
+        params = (data.get("lossconfig") or {}).get("params") or {}
+        out = param_findings("taming", params, constructor_parameters(VQLPIPSWithDiscriminator), check_types)
+        if "disc_start" not in params:
+            out.append(Finding(ERROR, "lossconfig.params.disc_start", "missing_loss_param",
+                               "lossconfig.params.disc_start is missing (taming's VQLPIPSWithDiscriminator has no "
+                               "default): the global step at which the GAN term starts",
+                               "add e.g. disc_start: 10000"))
+        disc_loss = params.get("disc_loss", TAMING_LOSS_DEFAULTS["disc_loss"])
+        if isinstance(disc_loss, str) and disc_loss not in D_LOSSES:
+            out.append(Finding(ERROR, "lossconfig.params.disc_loss", "bad_value",
+                               f"lossconfig.params.disc_loss {disc_loss!r} is unknown; valid choices: "
+                               f"{', '.join(sorted(D_LOSSES))}", f"use one of {', '.join(sorted(D_LOSSES))}"))
+        if params.get("disc_conditional"):
+            out.append(Finding(ERROR, "lossconfig.params.disc_conditional", "bad_value",
+                               "disc_conditional: true needs a conditioning input that VQGAN training never "
+                               "passes (taming's VQModel fails its own assert)", "set disc_conditional: false",
+                               [("lossconfig.params.disc_conditional", False)]))
+        return out
 
     # ---- the GAN schedule ----------------------------------------------------------------
     @property
@@ -346,7 +335,8 @@ class TamingLossCalculator(LossCalculator, VQLPIPSWithDiscriminator):
         to :meth:`discriminator_step` through ``out.extra``; pass that same ``out``.
         """
         x = batch["image"]
-        xrec, qloss, indices = _run_model(model, x)
+        # Through the (possibly DDP-wrapped) model, so DDP sees the forward.
+        xrec, qloss, codes = model(x, return_codes=True)
         extra: Dict[str, Any] = {"codebook_loss": qloss.detach(), "global_step": global_step}
         if not self.gan_term_active(global_step):
             loss, log = self(qloss, x, xrec, 0, global_step, split=split)
@@ -374,7 +364,7 @@ class TamingLossCalculator(LossCalculator, VQLPIPSWithDiscriminator):
             loss = nll_loss + d_weight * disc_factor * g_loss + self.codebook_weight * qloss.mean()
             log = self._generator_log(split, loss, qloss, nll_loss, rec_loss, p_loss, d_weight, disc_factor,
                                       g_loss)
-        return GeneratorOutput(loss=loss, log=log, inputs=x, reconstructions=xrec.detach(), indices=indices,
+        return GeneratorOutput(loss=loss, log=log, inputs=x, reconstructions=xrec.detach(), codes=codes,
                                extra=extra)
 
     def discriminator_step(self, out: GeneratorOutput, global_step: int, split: str = "train"):

@@ -25,18 +25,20 @@ family's ``lossconfig.target``, ``losses.vqvae2_loss.VQVAE2Loss``, names); ``tra
 from __future__ import annotations
 
 import dataclasses
-import difflib
 import logging
 from dataclasses import dataclass
-from typing import Any, Dict, Mapping, Optional
+from typing import Any, Dict, List, Mapping, Optional
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from adapters.registry import get_model_type, loss_target_rule, register_loss_implementation
 from losses import gan
-from losses.calculator import GeneratorOutput, LossCalculator
-from train.errors import UserError
+from losses.calculator import GeneratorOutput, LossCalculator, constructor_parameters, param_findings
+from losses.perceptual import build_taming_lpips
+from train.errors import DELETE, ERROR, Finding, UserError, is_number, raise_for_errors
+from train.schema import as_dict, config_data
 
 log = logging.getLogger(__name__)
 
@@ -66,34 +68,53 @@ class VQVAE2Loss:
     disc_loss: str = "hinge"
 
 
-def _loss_params(raw: Mapping[str, Any]) -> VQVAE2Loss:
-    """``lossconfig.params`` -> :class:`VQVAE2Loss`; unknown names and bad values -> UserError."""
+def vqvae2_param_rules(data: Dict[str, Any]) -> List[Finding]:
+    """``lossconfig.params`` of a vqvae2 config: :class:`VQVAE2Loss` names, number / integer /
+    bool types, ranges, the discriminator loss, and the discriminator's input width."""
+    raw = (data.get("lossconfig") or {}).get("params") or {}
     fields = {f.name: f for f in dataclasses.fields(VQVAE2Loss)}
-    for key in raw:
-        if key not in fields:
-            near = difflib.get_close_matches(key, list(fields), n=1, cutoff=0.6)
-            hint = f" Did you mean {near[0]!r}?" if near else ""
-            raise UserError(f"lossconfig.params.{key} is not a vqvae2 loss parameter.{hint} "
-                            f"Accepted: {', '.join(fields)}")
-    params = VQVAE2Loss(**raw)
+    out = param_findings("vqvae2", raw, constructor_parameters(VQVAE2Loss), check_types=False)
     for name, f in fields.items():
-        value = getattr(params, name)
+        if name not in raw:
+            continue
+        value, path = raw[name], f"lossconfig.params.{name}"
         if f.type in ("float", "int"):
-            if isinstance(value, bool) or not isinstance(value, (int, float)):
-                raise UserError(f"lossconfig.params.{name} must be a number, got {value!r}")
-            if value < 0:
-                raise UserError(f"lossconfig.params.{name} must be >= 0, got {value!r}")
-            if f.type == "int" and int(value) != value:
-                raise UserError(f"lossconfig.params.{name} must be an integer, got {value!r}")
-            setattr(params, name, int(value) if f.type == "int" else float(value))
+            if not is_number(value):
+                out.append(Finding(ERROR, path, "bad_type", f"{path} must be a number, got {value!r}",
+                                   f"write {name}: {getattr(VQVAE2Loss, name)!r}", [(path, DELETE)]))
+            elif value < 0:
+                out.append(Finding(ERROR, path, "bad_value", f"{path} must be >= 0, got {value!r}",
+                                   f"write {name}: {getattr(VQVAE2Loss, name)!r}", [(path, DELETE)]))
+            elif f.type == "int" and int(value) != value:
+                out.append(Finding(ERROR, path, "bad_type", f"{path} must be an integer, got {value!r}",
+                                   f"write {name}: {int(value)}", [(path, int(value))]))
+            elif name in ("disc_in_channels", "disc_num_layers", "disc_ndf") and value < 1:
+                out.append(Finding(ERROR, path, "bad_value", f"{path} must be >= 1, got {value}",
+                                   f"write {name}: {getattr(VQVAE2Loss, name)!r}", [(path, DELETE)]))
         elif f.type == "bool" and not isinstance(value, bool):
-            raise UserError(f"lossconfig.params.{name} must be true or false, got {value!r}")
-    if params.disc_loss not in gan.D_LOSSES:
-        raise UserError(f"lossconfig.params.disc_loss {params.disc_loss!r} is unknown; "
-                        f"valid choices: {', '.join(sorted(gan.D_LOSSES))}")
-    for name in ("disc_in_channels", "disc_num_layers", "disc_ndf"):
-        if getattr(params, name) < 1:
-            raise UserError(f"lossconfig.params.{name} must be >= 1, got {getattr(params, name)}")
+            out.append(Finding(ERROR, path, "bad_type", f"{path} must be true or false, got {value!r}",
+                               "write true or false", [(path, DELETE)]))
+    disc_loss = raw.get("disc_loss", VQVAE2Loss.disc_loss)
+    if disc_loss not in gan.D_LOSSES:
+        out.append(Finding(ERROR, "lossconfig.params.disc_loss", "bad_value",
+                           f"lossconfig.params.disc_loss {disc_loss!r} is unknown; valid choices: "
+                           f"{', '.join(sorted(gan.D_LOSSES))}", f"use one of {', '.join(sorted(gan.D_LOSSES))}"))
+    model_in = (data.get("model_args") or {}).get("in_channel", 3)
+    channels = raw.get("disc_in_channels", VQVAE2Loss.disc_in_channels)
+    if (data.get("train") or {}).get("use_gan", True) and is_number(channels) and channels != model_in:
+        out.append(Finding(ERROR, "lossconfig.params.disc_in_channels", "disc_channels_mismatch",
+                           f"lossconfig.params.disc_in_channels is {channels} but the model makes "
+                           f"{model_in}-channel images (model_args.in_channel)",
+                           f"set disc_in_channels: {model_in}", [("lossconfig.params.disc_in_channels", model_in)]))
+    return out
+
+
+def _loss_params(raw: Mapping[str, Any]) -> VQVAE2Loss:
+    """Checked ``lossconfig.params`` -> :class:`VQVAE2Loss` with integer / float fields typed."""
+    params = VQVAE2Loss(**raw)
+    for f in dataclasses.fields(VQVAE2Loss):
+        if f.type in ("float", "int"):
+            setattr(params, f.name, int(getattr(params, f.name)) if f.type == "int" else float(getattr(params, f.name)))
     return params
 
 
@@ -102,6 +123,7 @@ def _unwrap(model: nn.Module) -> nn.Module:
     return getattr(model, "module", model)
 
 
+@register_loss_implementation("vqvae2")
 class VQVAE2LossCalculator(LossCalculator):
     """VQ-VAE-2 loss behind the ``LossCalculator`` interface (see the module docstring).
 
@@ -134,7 +156,7 @@ class VQVAE2LossCalculator(LossCalculator):
                 ndf=params.disc_ndf, use_actnorm=params.use_actnorm)
             self.d_loss_fn = gan.get_d_loss(params.disc_loss)
         else:
-            # Seed 002: use_gan false means disc_factor 0, said once, and no discriminator.
+            # use_gan false means disc_factor 0, said once, and no discriminator.
             self.disc_factor = 0.0
             self.discriminator = None
             self.d_loss_fn = None
@@ -151,29 +173,22 @@ class VQVAE2LossCalculator(LossCalculator):
     # ---- construction --------------------------------------------------------------
     @classmethod
     def build(cls, cfg) -> "VQVAE2LossCalculator":
-        from train.schema import as_dict
-
-        from adapters.registry import loss_family_of_target
-
-        target = getattr(cfg.lossconfig, "target", None)
-        if target and loss_family_of_target(target) != cls.family:
-            raise UserError(f"model_type 'vqvae2' takes the vqvae2 loss family, but lossconfig.target "
-                            f"is {target!r}. Remove lossconfig.target (or set it to "
-                            "'losses.vqvae2_loss.VQVAE2Loss'); for taming's loss use model_type "
-                            "'TamingVQGAN'.")
+        # The rules validate runs: the loss target, then the parameters.
+        data = config_data(cfg)
+        findings: List[Finding] = []
+        loss_target_rule(data, get_model_type(cfg.model_type), findings)
+        raise_for_errors(findings + cls.param_rules(data), "vqvae2 loss")
         params = _loss_params(as_dict(cfg.lossconfig.params))
-        model_in = as_dict(cfg.model_args).get("in_channel", 3)
-        if params.disc_in_channels != model_in and cfg.train.use_gan:
-            raise UserError(f"lossconfig.params.disc_in_channels is {params.disc_in_channels} but the "
-                            f"model makes {model_in}-channel images (model_args.in_channel); set them equal")
         perceptual = None
         if params.perceptual_weight > 0:
-            from losses.perceptual import build_taming_lpips
-
             perceptual = build_taming_lpips(vgg_ckpt_path=cfg.train.vgg_ckpt_path,
                                             allow_random_vgg=cfg.train.allow_random_vgg)
         return cls(params, use_gan=cfg.train.use_gan, disc_update_every=cfg.train.disc_update_every,
                    perceptual_loss=perceptual)
+
+    @classmethod
+    def param_rules(cls, data: Dict[str, Any], check_types: bool = True) -> List[Finding]:
+        return vqvae2_param_rules(data)
 
     def train(self, mode: bool = True):
         super().train(mode)
@@ -196,7 +211,7 @@ class VQVAE2LossCalculator(LossCalculator):
     def generator_step(self, model: nn.Module, batch: Dict[str, torch.Tensor], global_step: int,
                        split: str = "train") -> GeneratorOutput:
         x = batch["image"]
-        xrec, latent_loss, indices = model(x, return_indices=True)
+        xrec, latent_loss, codes = model(x, return_codes=True)
         latent = latent_loss.mean()   # rosinality's models return shape (1,) (or (n_gpu,))
         rec_loss = F.mse_loss(xrec.float(), x.float())
         nll = self.pixelloss_weight * rec_loss
@@ -230,7 +245,7 @@ class VQVAE2LossCalculator(LossCalculator):
             f"{split}/disc_factor": torch.tensor(float(disc_factor)),
         }
         return GeneratorOutput(loss=total, log=log, inputs=x.detach(), reconstructions=xrec.detach(),
-                               indices=tuple(i.detach() for i in indices))
+                               codes=tuple(c.detach() for c in codes))
 
     def discriminator_step(self, out: GeneratorOutput, global_step: int, split: str = "train"):
         if not self.use_gan or self.discriminator is None:

@@ -67,7 +67,7 @@ def main() -> None:
     with torch.no_grad():
         for step in range(STEPS):
             x = images(rank, step)
-            _, _, (id_t, id_b) = model(x, return_indices=True)
+            _, _, (id_t, id_b) = model(x, return_codes=True)
             local_counts.append(torch.stack([torch.bincount(i.flatten(), minlength=TINY["n_embed"])
                                              for i in (id_t, id_b)]))
     torch.save({"buffers": buffers(model), "local_counts": torch.stack(local_counts)},

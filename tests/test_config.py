@@ -110,26 +110,42 @@ def test_registry_unknown_names_suggest():
 
 
 def test_registry_refuses_duplicates():
-    spec = registry.ModelTypeSpec(name="vqvae2", description="again", loss_family="vqvae2", builder="x:y")
+    def build(cfg):
+        raise AssertionError("never built")
+
     with pytest.raises(registry.RegistryError, match="already registered"):
-        registry.register_model_type(spec)
-    alias = registry.ModelTypeSpec(name="Other", description="", loss_family="taming", builder="x:y",
-                                   aliases=("VQGAN",))
+        registry.register_model_type("vqvae2", description="again", loss="vqvae2")(build)
     with pytest.raises(registry.RegistryError, match="already registered"):
-        registry.register_model_type(alias)
+        registry.register_model_type("Other", description="", loss="taming", aliases=("VQGAN",))(build)
     assert "Other" not in registry.list_model_types()
     fam = registry.LossFamilySpec(name="taming", description="", target="a.B")
     with pytest.raises(registry.RegistryError, match="already registered"):
-        registry.register_loss_family(fam)
+        registry.register_model_type("Other2", description="", loss=fam)(build)
+    assert "Other2" not in registry.list_model_types()
 
 
-def test_missing_builder_says_so():
-    spec = registry.ModelTypeSpec(name="FutureModel", description="", loss_family="taming",
-                                  builder="adapters.not_written_yet:build")
-    registry.register_model_type(spec)
+def test_a_new_model_type_plugs_in_with_one_registration():
+    """A registration is all the tool needs: validate, the builder and the loss family see it."""
+    from train.schema import make_config
+    from adapters import build_model
+
+    built = []
+
+    def build(cfg):
+        built.append(cfg.model_variant)
+        return "model"
+
+    registry.register_model_type("FutureModel", description="test only", loss="taming",
+                                 variants={"A": registry.VariantSpec("A", "a variant")}, default_variant="A",
+                                 accepted_args=lambda variant: (["size"], True))(build)
     try:
-        with pytest.raises(NotImplementedError, match="builder .* not\\s+available"):
-            registry.get_builder("FutureModel")
+        assert registry.resolve_model("futuremodel", "a") == ("FutureModel", "A")
+        spec = registry.get_model_type("FutureModel")
+        assert spec.loss_family == "taming"
+        findings = registry.check_model_args(spec, {"model_args": {"sise": 1}}, "A")
+        assert [f.code for f in findings] == ["unknown_model_arg"] and "size" in findings[0].message
+        assert build_model(make_config(model_type="FutureModel", model_variant="A")) == "model"
     finally:
         registry._MODEL_TYPES.pop("FutureModel")
-        registry._MODEL_ALIASES.pop("futuremodel")
+        for key in ("futuremodel",):
+            registry._MODEL_ALIASES.pop(key)

@@ -10,7 +10,8 @@ import timm
 import torch
 from PIL import Image
 
-from adapters.dino_teacher import (DinoTeacher, build_teacher, features_for_batch, load_teacher,
+from adapters.dinovq import build_teacher, teacher_features_hook
+from adapters.dino_teacher import (DinoTeacher, features_for_batch, load_teacher,
                                    read_state_dict)
 from train.errors import UserError
 from train.schema import make_config
@@ -200,21 +201,23 @@ def test_extract_features_cli_and_cache_lookup(tmp_path, image_folder, vit_and_f
     want = teacher(crops)
     got = cache.lookup(paths)
     assert torch.allclose(got, want, atol=2e-3, rtol=2e-3)   # stored as fp16
-    # The DinoVQ calculator reads the cache by batch["path"].
+    # The DinoVQ batch hook reads the cache by batch["path"].
+    hook = teacher_features_hook(cfg)
+    assert isinstance(hook.source, FeatureCache)
+    batch = {"image": crops[:2], "path": paths[1::-1]}
+    assert torch.equal(hook(batch, 0)["dino_features"], cache.lookup(paths[1::-1]))
+    with pytest.raises(UserError, match="not in the feature cache"):
+        hook({"image": crops[:1], "path": [str(tmp_path / "other.png")]}, 0)
+    # A cache used with random crops, or made for another grid, is refused with the fix.
     from losses.dinovq_loss import DinoVQLossCalculator
 
-    calc = DinoVQLossCalculator.build(cfg)
-    assert isinstance(calc.feature_source, FeatureCache)
-    batch = {"image": crops[:2], "path": paths[1::-1]}
-    assert torch.equal(calc.features_for(batch), cache.lookup(paths[1::-1]))
-    with pytest.raises(UserError, match="not in the feature cache"):
-        calc.features_for({"image": crops[:1], "path": [str(tmp_path / "other.png")]})
-    # A cache used with random crops, or made for another grid, is refused with the fix.
     with pytest.raises(UserError, match="random_crop"):
         DinoVQLossCalculator.build(load_config(TINY_YAML, [f"data.feature_cache={out}"]))
+    with pytest.raises(UserError, match="random_crop"):
+        teacher_features_hook(load_config(TINY_YAML, [f"data.feature_cache={out}"]))
     with pytest.raises(UserError, match="re-run extract-features"):
-        DinoVQLossCalculator.build(load_config(TINY_YAML, [f"data.feature_cache={out}", "data.random_crop=false",
-                                                            "model_args.patch_size=16"]))
+        teacher_features_hook(load_config(TINY_YAML, [f"data.feature_cache={out}", "data.random_crop=false",
+                                                      "model_args.patch_size=16"]))
 
 
 def test_extract_features_cli_errors(tmp_path, capsys):

@@ -1,4 +1,4 @@
-"""DinoVQ: the seed's API and keys, the loss family, gradient isolation, the calculator."""
+"""DinoVQ: the reference API and keys, the loss family, gradient isolation, the calculator."""
 import os
 
 import pytest
@@ -6,8 +6,9 @@ import torch
 import torch.nn.functional as F
 
 import losses.dinovq_loss as dl
-from adapters.dinovq import DinoVQModel, build_dinovq
+from adapters.dinovq import DinoVQNet, build_dinovq, teacher_features_hook
 from losses.dinovq_loss import DinoVQLossCalculator, FeatureShapeError
+from losses.dinovq_model import DinoVQModel
 from train.errors import UserError
 from train.schema import make_config
 
@@ -268,21 +269,23 @@ def test_model_contract_and_state_dict_keys():
     assert recon.shape == (2, 3, 32, 32) and vq.dim() == 0
     cfg = make_config(model_type="DinoVQ", model_args={**TINY, **GAN})
     built = build_dinovq(cfg)
-    assert built.loss_fn is None and built.use_gan is True
+    # The registry's model is the network alone: the loss lives with the loss family.
+    assert type(built) is DinoVQNet and not hasattr(built, "compute_loss")
     assert not any(k.startswith("loss_fn.") for k in built.state_dict())
     assert set(built.state_dict()) == {k for k in keys if not k.startswith("loss_fn.")}
     with pytest.raises(RuntimeError, match="DinoVQLossCalculator"):
-        built.compute_loss(*batch())
+        DinoVQModel(**TINY, build_loss=False).compute_loss(*batch())
 
 
 def test_builder_rejects_unknown_model_args_and_honours_train_use_gan():
     with pytest.raises(UserError, match="codebook_sise.*codebook_size"):
         build_dinovq(make_config(model_type="DinoVQ", model_args={**TINY, "codebook_sise": 3}))
-    cfg = make_config(model_type="DinoVQ", model_args={**TINY, **GAN}, train={"use_gan": False})
-    assert build_dinovq(cfg).use_gan is False
+    cfg = make_config(model_type="DinoVQ", model_args={**TINY, **GAN}, train={"use_gan": False},
+                      data={"image_size": 32})
+    assert DinoVQLossCalculator.build(cfg).use_gan is False
     from adapters import build_model
 
-    assert isinstance(build_model(make_config(model_type="dinovq", model_args=TINY)), DinoVQModel)
+    assert isinstance(build_model(make_config(model_type="dinovq", model_args=TINY)), DinoVQNet)
 
 
 # ---- the LossCalculator ----------------------------------------------------------------------
@@ -301,18 +304,24 @@ def calc():
     return LossCalculator.from_config(tiny_cfg())
 
 
-def test_calculator_steps_keys_and_isolation(calc):
+@pytest.fixture(scope="module")
+def hook():
+    """The DinoVQ batch hook: the (random, frozen) teacher's features for each batch."""
+    return teacher_features_hook(tiny_cfg())
+
+
+def test_calculator_steps_keys_and_isolation(calc, hook):
     cfg = tiny_cfg()
     torch.manual_seed(0)
     model = build_dinovq(cfg)
     imgs, _ = batch()
     assert isinstance(calc, DinoVQLossCalculator) and calc.use_gan
     assert calc.discriminator is calc.loss_fn.discriminator
-    # Features come from the (random, frozen) teacher when the batch has none.
-    out = calc.generator_step(model, {"image": imgs, "path": ["a", "b"]}, global_step=2, split="val")
+    # Features come from the (random, frozen) teacher through the batch hook.
+    out = calc.generator_step(model, hook({"image": imgs, "path": ["a", "b"]}, 2), global_step=2, split="val")
     assert set(out.log) == {f"val/{k}" for k in BASE_KEYS | {"gen_adv_loss", "gen_adv_loss_weighted"}}
     assert out.reconstructions.shape == imgs.shape and not out.reconstructions.requires_grad
-    assert out.indices.shape == (2, 4, 4)
+    assert len(out.codes) == 1 and out.codes[0].shape == (2, 4, 4)
     out.loss.backward()
     assert all(p.grad is None for p in calc.discriminator.parameters())
     assert all(p.grad is not None for p in model.generator_parameters())
@@ -325,15 +334,15 @@ def test_calculator_steps_keys_and_isolation(calc):
     calc.discriminator.zero_grad(set_to_none=True)
 
 
-def test_calculator_schedule_and_state(calc):
+def test_calculator_schedule_and_state(calc, hook):
     assert [calc.should_update_discriminator(s) for s in range(4)] == [False, False, True, True]
     assert [calc.disc_factor_at(s) for s in (0, 1, 2)] == [0.0, 0.0, 1.0]
     # The teacher is never trained nor saved; the discriminator is the only state.
     keys = set(calc.state_dict())
     assert keys and all(k.startswith("loss_fn.discriminator.") for k in keys)
-    assert all(not p.requires_grad for p in calc.feature_source.parameters())
-    calc.train()
-    assert not calc.feature_source.training
+    assert all(not p.requires_grad for p in hook.source.parameters())
+    hook.source.train()
+    assert not hook.source.training
     # A DDP-style wrapper assigned by a trainer replaces, never duplicates, the discriminator.
     disc = calc.discriminator
     wrapper = torch.nn.Sequential(disc)
@@ -344,7 +353,7 @@ def test_calculator_schedule_and_state(calc):
 
 def test_calculator_without_gan_and_with_given_features():
     cfg = tiny_cfg(use_gan=False, dino_dim=24)
-    c = DinoVQLossCalculator.build(cfg, feature_source=None)
+    c = DinoVQLossCalculator.build(cfg)
     assert c.discriminator is None and not c.use_gan
     assert not any(c.should_update_discriminator(s) for s in (0, 10, 10 ** 6))
     assert c.disc_factor_at(10 ** 6) == 0.0
@@ -362,7 +371,7 @@ def test_calculator_needs_a_teacher_file_unless_random_is_allowed():
     cfg = make_config(model_type="DinoVQ", model_args={**TINY, "dino_dim": 192},
                       teacher={"arch": "vit_tiny_patch16_224"}, data={"image_size": 32})
     with pytest.raises(UserError, match="teacher.ckpt_path"):
-        DinoVQLossCalculator.build(cfg)
+        teacher_features_hook(cfg)
 
 
 def test_train_use_gan_false_switches_the_gan_off_with_one_warning(caplog):
@@ -371,7 +380,7 @@ def test_train_use_gan_false_switches_the_gan_off_with_one_warning(caplog):
     cfg = make_config(model_type="DinoVQ", model_args={**TINY, **GAN}, train={"use_gan": False},
                       data={"image_size": 32})
     with caplog.at_level(logging.WARNING):
-        c = DinoVQLossCalculator.build(cfg, feature_source=None)
+        c = DinoVQLossCalculator.build(cfg)
     assert c.discriminator is None and not c.use_gan and c.disc_factor_at(10 ** 6) == 0.0
     assert caplog.text.count("train.use_gan is false") == 1
 
@@ -379,7 +388,7 @@ def test_train_use_gan_false_switches_the_gan_off_with_one_warning(caplog):
 def test_calculator_needs_crops_of_the_model_size():
     cfg = make_config(model_type="DinoVQ", model_args={**TINY, "dino_dim": 192}, data={"image_size": 64})
     with pytest.raises(UserError, match="data.image_size: 32"):
-        DinoVQLossCalculator.build(cfg, feature_source=None)
+        DinoVQLossCalculator.build(cfg)
 
 
 # ---- python -m train fit ---------------------------------------------------------------------

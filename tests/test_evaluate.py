@@ -22,6 +22,7 @@ from safetensors.torch import load_file
 from adapters import build_model
 from train.checkpoint import atomic_save_safetensors
 from train.cli import main
+from adapters.contract import Tokenizer
 from train.config import load_config, save_config
 from train.data import fixed_crops, resolve_data
 
@@ -111,7 +112,7 @@ def test_run_folder_metrics_match_an_independent_computation(vqvae2_run, capsys,
     model.eval()
     images = heldout_crops(cfg)
     with torch.no_grad():
-        recs, _, (id_t, id_b) = model.forward_with_indices(images)
+        recs, _, (id_t, id_b) = model(images, return_codes=True)
 
     assert report["num_images"] == 16 and report["step"] == 2 and report["split"] == "val"
     assert report["kind"] == "run" and report["weights"].endswith("last.ckpt")
@@ -143,11 +144,11 @@ def test_usage_counts_of_known_indices():
     """A model whose indices are set by hand, and a real EMAVQ whose codebook leaves one code."""
     from train.evaluate import run_model
 
-    class Known(torch.nn.Module):
+    class Known(Tokenizer):
         codebook_sizes = (4, 8)
-        quantize_t = None     # marks the two codebooks as vqvae2's top and bottom
+        codebook_names = ("top", "bottom")
 
-        def forward_with_indices(self, x):
+        def forward(self, x, return_codes=False):
             b = x.shape[0]
             top = torch.tensor([[0, 0], [1, 0]]).expand(b, 2, 2)        # codes 0 (3x) and 1 (1x)
             bottom = torch.arange(16).remainder(5).view(1, 4, 4).expand(b, 4, 4)   # codes 0..4

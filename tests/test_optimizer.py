@@ -79,7 +79,7 @@ def test_decay_applies_to_weights_only_and_never_to_params_without_grad():
 
 
 def test_dinovq_groups():
-    from adapters.dinovq import DinoVQModel
+    from losses.dinovq_model import DinoVQModel
 
     model = DinoVQModel(img_size=32, patch_size=8, encoder_embed_dim=16, encoder_depth=1, encoder_num_heads=2,
                         decoder_depth=1, dino_head_depth=1, codebook_size=8, codebook_dim=4, dino_dim=8)

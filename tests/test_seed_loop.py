@@ -54,7 +54,7 @@ class StepWatch:
 
 @pytest.mark.parametrize("disc_start", [2])
 def test_seed_gan_loop(disc_start):
-    from adapters.dinovq import DinoVQModel
+    from losses.dinovq_model import DinoVQModel
 
     torch.manual_seed(0)
     model = DinoVQModel(
@@ -147,7 +147,7 @@ def test_seed_gan_loop(disc_start):
 
 def test_seed_trainer_class_no_gan_branch():
     """The seed's DinoVQTrainer without GAN: one optimizer over model.parameters()."""
-    from adapters.dinovq import DinoVQModel
+    from losses.dinovq_model import DinoVQModel
     from train.optimizer import get_optimizer
 
     torch.manual_seed(0)

@@ -365,7 +365,7 @@ def test_generator_step_equals_taming_on_the_model_output(monkeypatch, step, kep
     out = calc.generator_step(model, batch, step)
     assert isinstance(out, GeneratorOutput)
     assert not out.reconstructions.requires_grad and out.inputs is batch["image"]
-    assert out.indices.shape == (2, 16, 16) and out.indices.dtype == torch.long
+    assert out.codes[0].shape == (2, 16, 16) and out.codes[0].dtype == torch.long and len(out.codes) == 1
     assert ("logits_fake" in out.extra) == kept
     out.loss.backward()
     assert all(p.grad is None for p in calc.discriminator.parameters())
@@ -484,7 +484,7 @@ def test_wrapped_model_is_called_through_the_wrapper(model_and_calc):
     model, calc = model_and_calc
     wrapped = FakeWrapper(model)
     out = calc.generator_step(wrapped, _batch(), 3)
-    assert wrapped.calls == 1 and out.indices.shape == (2, 16, 16)
+    assert wrapped.calls == 1 and out.codes[0].shape == (2, 16, 16)
     out.loss.backward()
     assert model.get_last_layer().grad is not None
 
@@ -506,20 +506,20 @@ def test_real_ddp_single_process(tmp_path, model_and_calc):
 
 
 class PlainModel(nn.Module):
-    """A model with only taming's two-output forward (no indices)."""
+    """A model that answers the contract with no codebook (no code maps)."""
 
     def __init__(self):
         super().__init__()
         self.conv = nn.Conv2d(3, 3, 3, padding=1)
 
-    def forward(self, x):
-        return self.conv(x), torch.zeros(())
+    def forward(self, x, return_codes=False):
+        return (self.conv(x), torch.zeros(())) + (((),) if return_codes else ())
 
     def get_last_layer(self):
         return self.conv.weight
 
 
-def test_plain_forward_fallback(model_and_calc):
+def test_model_without_codebooks(model_and_calc):
     _, calc = model_and_calc
     out = calc.generator_step(PlainModel(), _batch(), 3)
-    assert out.indices is None and out.loss.requires_grad
+    assert out.codes == () and out.loss.requires_grad

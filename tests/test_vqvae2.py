@@ -157,7 +157,7 @@ def test_forward_encode_decode_shapes_tiny():
     with torch.no_grad():
         xrec, latent = model(x)
         quant_t, quant_b, diff, id_t, id_b = model.encode(x)
-        xrec2, latent2, (jt, jb) = model.forward_with_indices(x)
+        xrec2, latent2, (jt, jb) = model(x, return_codes=True)
         from_codes = model.decode_code(id_t, id_b)
     assert xrec.shape == x.shape and latent.shape == (1,)
     assert quant_t.shape == (2, 8, 4, 4) and quant_b.shape == (2, 8, 8, 8)
@@ -173,7 +173,7 @@ def test_bf16_autocast_keeps_float32_codebooks():
     torch.manual_seed(0)
     model = VQVAE2(**TINY).train()
     with torch.autocast("cpu", dtype=torch.bfloat16):
-        xrec, latent, (id_t, id_b) = model(images(), return_indices=True)
+        xrec, latent, (id_t, id_b) = model(images(), return_codes=True)
     assert torch.isfinite(xrec.float()).all() and latent.dtype == torch.float32
     assert all(b.dtype == torch.float32 for b in model.buffers())
     assert torch.isfinite(model.quantize_b.embed).all()
@@ -309,7 +309,7 @@ def test_loss_is_mse_plus_quarter_latent():
     assert set(out.log) == {f"train/{k}" for k in ("total_loss", "rec_loss", "latent_loss", "p_loss",
                                                     "nll_loss", "g_loss", "d_weight", "disc_factor")}
     assert all(not v.requires_grad for v in out.log.values())
-    assert not out.reconstructions.requires_grad and len(out.indices) == 2
+    assert not out.reconstructions.requires_grad and len(out.codes) == 2
 
     cfg2 = tiny_cfg(loss_params={"latent_loss_weight": 1.0, "pixelloss_weight": 2.0})
     out2 = build_calc(cfg2).generator_step(model, {"image": x}, 0, split="val")

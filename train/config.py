@@ -2,7 +2,7 @@
 
 Three shapes are recognised by their keys:
 
-* legacy JSON experiment files (seed 002): ``model_type`` + ``model_args`` (with
+* legacy JSON experiment files (legacy EMAVQ experiments): ``model_type`` + ``model_args`` (with
   ``model_variant``, ``lossconfig``) + ``train_args``;
 * taming-transformers / latent-diffusion YAML: ``model.target`` + ``model.params``
   (``ddconfig``, ``lossconfig``), plus ``data`` and ``lightning`` sections;
@@ -34,6 +34,8 @@ import yaml
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
+from adapters.registry import (NOT_FIRST_STAGE, RegistryError, canonical_loss_target, get_model_type,
+                               resolve_model)
 from train.errors import UserError
 from train.schema import (DataSection, ExperimentConfig, LossSection, SourceInfo, TeacherSection,
                           TrainSection)
@@ -236,8 +238,6 @@ def _normalize_legacy(doc: Dict[str, Any], norm: Normalized) -> None:
 
 
 def _normalize_taming_yaml(doc: Dict[str, Any], norm: Normalized) -> None:
-    from adapters.registry import NOT_FIRST_STAGE, RegistryError, resolve_model
-
     out = norm.data
     model = doc["model"]
     target = model.get("target")
@@ -327,6 +327,17 @@ def _normalize_native(doc: Dict[str, Any], norm: Normalized) -> None:
 def normalize(path: str) -> Normalized:
     """Parse ``path`` and map it to the schema's shape (no type checking yet)."""
     doc, syntax = read_document(path)
+    return normalize_document(doc, path, syntax)
+
+
+def normalize_document(doc: Dict[str, Any], path: str, syntax: str = "yaml",
+                       keep_source: bool = False) -> Normalized:
+    """Map a parsed document to the schema's shape.  ``path`` names where it came from (a
+    file, or e.g. ``run/checkpoints/last.ckpt (stored config)``).  ``keep_source``: the
+    document is a resolved config this tool recorded; keep the ``source`` it names."""
+    if not isinstance(doc, dict):
+        raise ConfigFileError(f"{path}: not a config (top level is {type(doc).__name__}, expected a mapping "
+                              "with model_type or model.target)")
     fmt = detect_format(doc)
     if fmt is None:
         raise ConfigFileError(f"{path}: not a config this tool knows (no model_type, model_args or model.target); "
@@ -336,7 +347,13 @@ def normalize(path: str) -> Normalized:
      "native": _normalize_native}[fmt](doc, norm)
     if norm.data.get("name") is None:
         norm.data["name"] = os.path.splitext(os.path.basename(path))[0]
-    norm.data["source"] = {"path": os.path.abspath(path), "format": fmt}
+    recorded = doc.get("source") if fmt == "native" and keep_source else None
+    if isinstance(recorded, dict) and recorded.get("format"):
+        # A resolved config written by this tool (run folder, checkpoint): keep its origin,
+        # which decides e.g. taming's learning-rate scaling.
+        norm.data["source"] = dict(recorded)
+    else:
+        norm.data["source"] = {"path": os.path.abspath(path), "format": fmt}
     norm.data["_syntax"] = syntax
     return norm
 
@@ -436,38 +453,14 @@ def parse_override(item: str) -> Tuple[str, Any]:
 
 def accepted_model_args(model_type: Optional[str],
                         variant: Optional[str] = None) -> Optional[Tuple[List[str], bool]]:
-    """(model_args names the type's builder accepts, whether it refuses other names).
-
-    Read from the adapters themselves, so this stays in step with what builds.  For
-    TamingVQGAN without a variant, the names of every variant.  None when unknown.
-    """
-    import inspect
-
-    from adapters.registry import RegistryError, get_model_type
-
+    """(model_args names the type accepts, whether it refuses other names), as its
+    registration declares them; for a type with variants and none given, every variant's
+    names.  None when the type is unknown."""
     try:
-        name = get_model_type(model_type).name if model_type else None
+        spec = get_model_type(model_type) if model_type else None
     except RegistryError:
         return None
-    try:
-        if name == "TamingVQGAN":
-            from adapters.taming_vqgan import ACCEPTED_ARGS
-
-            tables = [ACCEPTED_ARGS.get(variant or "VQ", ())] if variant else list(ACCEPTED_ARGS.values())
-            return sorted({a for table in tables for a in table}) + ["model_variant"], True
-        if name == "vqvae2":
-            from adapters.vqvae2 import DEFAULTS
-
-            return list(DEFAULTS) + ["ckpt_path"], False
-        if name == "DinoVQ":
-            from adapters.dinovq import DinoVQModel
-            from losses.dinovq_loss import LOSS_ARG_NAMES
-
-            names = set(inspect.signature(DinoVQModel).parameters) | set(LOSS_ARG_NAMES)
-            return sorted(names - {"build_loss"}), True
-    except ImportError:
-        return None
-    return None
+    return spec.accepted_args(variant) if spec is not None else None
 
 
 def apply_overrides(data: Dict[str, Any], overrides: Sequence[str]) -> Dict[str, Any]:
@@ -527,8 +520,6 @@ def load_config(path: str, overrides: Sequence[str] = ()) -> DictConfig:
 
 def canonicalize(data: Dict[str, Any]) -> Dict[str, Any]:
     """Canonical model type / variant names and installed loss-target paths (lenient)."""
-    from adapters.registry import RegistryError, canonical_loss_target, resolve_model
-
     data = copy.deepcopy(data)
     try:
         data["model_type"], variant = resolve_model(str(data.get("model_type")), data.get("model_variant"))

@@ -59,9 +59,9 @@ def reconstruct(model, images: torch.Tensor, batch: int = 8):
     device = next(model.parameters()).device
     recs, codes = [], []
     for i in range(0, images.shape[0], batch):
-        xrec, _, idx = model(images[i:i + batch].to(device), return_pred_indices=True)
+        xrec, _, idx = model(images[i:i + batch].to(device), return_codes=True)
         recs.append(xrec.float().cpu())
-        codes.append(idx.reshape(-1).cpu())
+        codes.append(idx[0].reshape(-1).cpu())   # the first codebook
     model.train(was_training)
     return torch.cat(recs), torch.cat(codes)
 
@@ -95,16 +95,14 @@ def cli_main(argv: List[str]) -> int:
     p.add_argument("--config", default=DEMO_CONFIG, help="demo config (default configs/demo_emavq.json)")
     args = p.parse_args(argv)
 
-    from train.config import load_config
     from train.data import fixed_crops, resolve_data
     from train.fit import default_run_dir
+    from train.run_config import load_run_config
     from train.trainer import Trainer
 
     overrides = [f"train.max_steps={args.max_steps}"] if args.max_steps else []
-    cfg = load_config(args.config, overrides)
+    cfg = load_run_config(args.config, overrides).cfg
     cfg.data.path = "builtin"
-    if cfg.model_variant != "EMAVQ" or cfg.model_type != "TamingVQGAN":
-        raise UserError(f"demo: {args.config} must describe a TamingVQGAN EMAVQ model")
     data = resolve_data(cfg)
     heldout = resolve_data(cfg, split="validation")
     eval_images = fixed_crops(heldout, EVAL_CROPS, seed=0)
@@ -113,7 +111,7 @@ def cli_main(argv: List[str]) -> int:
         raise UserError(f"--out {run_dir} already holds a run; choose another folder")
 
     trainer = Trainer(cfg, data, run_dir, time_limit_s=args.minutes * 60)
-    print(f"demo: {cfg.model_type} {cfg.model_variant} on built-in photographs "
+    print(f"demo: {cfg.model_type} {cfg.model_variant or ''} on built-in photographs "
           f"({len(data.paths)} for training; held out: {', '.join(os.path.basename(x) for x in heldout.paths)})")
     print("demo: loss = L1 + codebook loss; perceptual_weight 0 (no VGG16 file needed), use_gan false")
     if trainer.codebook_init:

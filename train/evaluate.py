@@ -91,31 +91,10 @@ def codebook_report(counts: torch.Tensor, name: str) -> Dict[str, Any]:
             "usage": stats["usage"], "perplexity": stats["perplexity"], "positions": int(counts.sum())}
 
 
-def codebook_names(model) -> List[str]:
-    sizes = tuple(getattr(model, "codebook_sizes", ()) or ())
-    if len(sizes) == 2 and hasattr(model, "quantize_t"):
-        return ["top", "bottom"]    # vqvae2: codebook_sizes is (top, bottom)
-    return ["codebook"] if len(sizes) == 1 else [f"codebook_{i}" for i in range(len(sizes))]
-
-
 def reconstruct_with_codes(model, x: torch.Tensor) -> Tuple[torch.Tensor, List[torch.Tensor]]:
-    """``(reconstruction, [code indices per codebook])`` for any model of the registry.
-
-    TamingVQGAN and vqvae2 expose ``forward_with_indices``; DinoVQ returns its indices from
-    ``forward(x, return_dict=True)``; other models give reconstructions only.
-    """
-    if hasattr(model, "forward_with_indices"):
-        xrec, _, indices = model.forward_with_indices(x)
-    elif hasattr(model, "predict_dino"):
-        out = model(x, return_dict=True)
-        xrec, indices = out["reconstructions"], out["indices"]
-    else:
-        xrec, indices = model(x)[0], None
-    if indices is None:
-        return xrec, []
-    if torch.is_tensor(indices):
-        return xrec, [indices]
-    return xrec, [i for i in indices if torch.is_tensor(i)]
+    """``(reconstruction, [code map per codebook])`` through the model contract."""
+    xrec, _, codes = model(x, return_codes=True)
+    return xrec, list(codes)
 
 
 # ----------------------------------------------------------------------------------------
@@ -202,15 +181,15 @@ def _load_safetensors(path: str) -> Dict[str, torch.Tensor]:
 def load_source(source: EvalSource, overrides: Sequence[str] = ()):
     """``(cfg, model state dict)`` for ``source``; fills in ``source.step``."""
     from train.checkpoint import load_migrated, load_state
-    from train.config import apply_overrides, config_from_dict, load_config
+    from train.run_config import load_run_config, load_stored_config
 
     if source.kind == "migrated":
         state = load_migrated(source.path)
         source.step = int(state.get("global_step") or 0)
-        return load_config(source.config_path, overrides), state["model"]
+        return load_run_config(source.config_path, overrides).cfg, state["model"]
     if source.weights.endswith(".safetensors"):
         source.step = _safetensors_step(source.weights)
-        return load_config(source.config_path, overrides), _load_safetensors(source.weights)
+        return load_run_config(source.config_path, overrides).cfg, _load_safetensors(source.weights)
     try:
         state = load_state(source.weights)
     except UserError as exc:
@@ -218,15 +197,13 @@ def load_source(source: EvalSource, overrides: Sequence[str] = ()):
         raise UserError(str(exc).replace("resume from its output folder", "evaluate its output folder")) from None
     source.step = int(state.get("global_step") or 0)
     if source.config_path is not None:
-        cfg = load_config(source.config_path, overrides)
+        cfg = load_run_config(source.config_path, overrides).cfg
     else:
-        import yaml
-
         text = state.get("config")
         if not text:
             raise UserError(f"eval: {source.weights} holds no config and no config.yaml is next to it; "
                             "name the run folder instead")
-        cfg = config_from_dict(apply_overrides(yaml.safe_load(text), overrides))
+        cfg = load_stored_config(text, f"{source.weights} (stored config)", overrides).cfg
     return cfg, state["model"]
 
 
@@ -378,8 +355,8 @@ def run_model(model, batches: Iterable[Dict[str, torch.Tensor]], device: torch.d
     """
     was_training = model.training
     model.eval()
-    names = codebook_names(model)
-    sizes = tuple(getattr(model, "codebook_sizes", ()) or ())
+    names = list(model.codebook_names)
+    sizes = tuple(model.codebook_sizes)
     counts = [torch.zeros(n, dtype=torch.float64) for n in sizes]
     sums = {"psnr": 0.0, "mse": 0.0, "l1": 0.0, "lpips": 0.0}
     n_images, skipped, out_of_range = 0, 0, 0
@@ -442,8 +419,8 @@ def evaluate(source: str, data: Optional[str] = None, split: str = "val", num_im
         raise UserError(f"eval: the stored config does not build a {cfg.model_type} model ({exc}); check the "
                         "model_args overrides") from None
     load_model_weights(model, state_dict, strict=True, source=src.weights)
-    if src.step is not None and hasattr(model, "update_temperature"):
-        model.update_temperature(src.step)   # GumbelVQ: the temperature the run had reached
+    if src.step is not None:
+        model.before_step(src.step)   # e.g. GumbelVQ: the temperature the run had reached
     dev = torch.device(device) if device else _default_device()
     model.to(dev)
     lpips_module, lpips_note = lpips_for_eval(cfg, vgg, lpips)

@@ -1,5 +1,7 @@
 """``python -m train extract-features``: cache the DINO teacher's patch features for DinoVQ.
 
+The read side of the cache (and its format) is ``adapters/dino_features.py``.
+
     python -m train extract-features configs/dinovq.yaml --data /data/train_list.txt \\
         --out /data/dino_vitb16_224.safetensors [--batch-size 64] [--device cuda] [key=value ...]
 
@@ -33,93 +35,17 @@ from typing import Dict, List, Optional, Sequence
 
 import torch
 
+from adapters.dino_features import FORMAT, STORE_DTYPES, VIEW, FeatureCache, _key  # noqa: F401 (re-exported)
+from adapters.dinovq import build_teacher
+from adapters.registry import get_model_type
+from train.run_config import load_run_config
+from train.data import crop_image, load_rgb, resolve_data, to_tensor
 from train.errors import UserError
-
-FORMAT = "dinovq-feature-cache/1"
-VIEW = "center-crop"
-STORE_DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}
-
-
-def _key(path: str) -> str:
-    return os.path.abspath(str(path))
-
-
-class FeatureCache:
-    """Read side of the cache: ``lookup(paths)`` -> ``(B, N, dim)`` float32."""
-
-    def __init__(self, path: str):
-        from safetensors import safe_open
-
-        if not os.path.isfile(path):
-            raise UserError(f"data.feature_cache {path!r} does not exist; write it with "
-                            "python -m train extract-features CONFIG --data ... --out CACHE")
-        try:
-            self._file = safe_open(path, framework="pt", device="cpu")
-            meta = self._file.metadata() or {}
-        except Exception as exc:  # not a safetensors file
-            raise UserError(f"data.feature_cache {path!r} is not a feature cache ({type(exc).__name__}); "
-                            "write it with python -m train extract-features") from None
-        if meta.get("format") != FORMAT or "features" not in self._file.keys():
-            raise UserError(f"data.feature_cache {path!r} is not a {FORMAT} file; write it with "
-                            "python -m train extract-features")
-        self.path = path
-        self.meta = meta
-        self.keys: List[str] = json.loads(meta["keys"])
-        self.index: Dict[str, int] = {k: i for i, k in enumerate(self.keys)}
-        self._features = self._file.get_slice("features")
-        shape = self._features.get_shape()
-        self.grid = tuple(int(g) for g in meta["grid"].split(","))
-        self.dino_dim = int(shape[2])
-        self.num_tokens = int(shape[1])
-
-    @classmethod
-    def for_config(cls, cfg) -> "FeatureCache":
-        """Open ``cfg.data.feature_cache`` and check it fits the config's model and data."""
-        from adapters.dino_teacher import student_geometry
-        from adapters.dinovq import DEFAULTS
-        from losses.dinovq_loss import FeatureShapeError
-        from train.schema import as_dict
-
-        cache = cls(str(cfg.data.feature_cache))
-        image_size, grid = student_geometry(cfg)
-        dino_dim = int(as_dict(cfg.model_args).get("dino_dim", DEFAULTS["dino_dim"]))
-        if cache.grid != tuple(grid) or cache.dino_dim != dino_dim:
-            raise FeatureShapeError(
-                f"data.feature_cache {cache.path!r} holds features on a {cache.grid[0]}x{cache.grid[1]} grid "
-                f"of width {cache.dino_dim}, this config needs {grid[0]}x{grid[1]} of width {dino_dim} "
-                f"(img_size {list(image_size)}); re-run extract-features with this config")
-        if bool(cfg.data.random_crop):
-            raise UserError("data.feature_cache holds features of centre crops, but data.random_crop is "
-                            "true; set data.random_crop=false, or drop data.feature_cache to compute "
-                            "features online")
-        return cache
-
-    def __len__(self) -> int:
-        return len(self.keys)
-
-    def lookup(self, paths: Sequence[str]) -> torch.Tensor:
-        rows = []
-        for path in paths:
-            i = self.index.get(_key(path))
-            if i is None:
-                raise UserError(f"image {path!r} is not in the feature cache {self.path!r}; re-run "
-                                "extract-features on the same data as fit")
-            rows.append(self._features[i:i + 1])
-        return torch.cat(rows).float()
-
-    def features_for_batch(self, batch) -> torch.Tensor:
-        """The DinoVQ calculator's hook: features for ``batch["path"]`` on the images' device."""
-        if "path" not in batch:
-            raise UserError("a DinoVQ feature cache needs the image paths of each batch (batch['path'])")
-        return self.lookup(list(batch["path"])).to(batch["image"].device)
 
 
 def extract(cfg, data_arg: Optional[str], out: str, batch_size: int, device: str,
             store_dtype: str = "fp16", progress=None) -> Dict[str, int]:
     """Run the teacher over every image of the data and write the cache to ``out``."""
-    from adapters.dino_teacher import build_teacher
-    from train.data import crop_image, load_rgb, resolve_data, to_tensor
-
     where = data_arg if data_arg is not None else cfg.data.path
     if where == "builtin":
         raise UserError("extract-features cannot cache --data builtin: its crops are random zooms, "
@@ -192,13 +118,10 @@ def cli_main(argv: Sequence[str]) -> int:
                         help="precision of the stored features (default fp16)")
     args = parser.parse_intermixed_args(list(argv))
 
-    from adapters.registry import get_model_type
-    from train.config import load_config
-
-    cfg = load_config(args.config, args.overrides)
-    if get_model_type(cfg.model_type).name != "DinoVQ":
-        raise UserError(f"{args.config}: extract-features is for DinoVQ configs, this one is "
-                        f"model_type {cfg.model_type!r}")
+    cfg = load_run_config(args.config, args.overrides).cfg
+    if get_model_type(cfg.model_type).batch_hook is None:
+        raise UserError(f"{args.config}: extract-features caches teacher features for model types "
+                        f"distilled from a teacher (DinoVQ); model_type {cfg.model_type!r} has none")
     if not args.out.endswith(".safetensors"):
         raise UserError(f"--out {args.out}: the cache is a .safetensors file; end the name with .safetensors")
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")

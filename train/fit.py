@@ -52,13 +52,12 @@ def split_items(items: List[str]) -> Tuple[Optional[str], List[str]]:
 def resolve_config(config_path: Optional[str], overrides: List[str], resume):
     """The run's typed config: CONFIG + overrides, or (resuming without CONFIG) the
     checkpoint's own resolved config + overrides."""
-    from train.config import apply_overrides, config_from_dict
-    from train.validate import load_checked
+    from train.run_config import load_run_config, load_stored_config
 
     if config_path is not None:
-        # Every validation error stops here, all at once, with its fix (e.g. seed 002's
-        # vqvae2 + EMAVQ mismatch) instead of training the wrong model.
-        return load_checked(config_path, overrides)
+        # Every validation error stops here, all at once, with its fix (e.g. a legacy
+        # config's vqvae2 + EMAVQ mismatch) instead of training the wrong model.
+        return load_run_config(config_path, overrides).cfg
     if resume is None:
         raise UserError("fit: no config file given; usage: python -m train fit CONFIG [--data PATH] "
                         "[--out RUN_DIR] [--max-steps N] [--resume RUN_DIR|CKPT] [key=value ...]")
@@ -69,9 +68,9 @@ def resolve_config(config_path: Optional[str], overrides: List[str], resume):
 
         text = load_state(resume.path).get("config")
         if text:
-            return config_from_dict(apply_overrides(yaml.safe_load(text), overrides))
+            return load_stored_config(text, f"{resume.path} (stored config)", overrides).cfg
     if resume.config_path:
-        return load_checked(resume.config_path, overrides)
+        return load_run_config(resume.config_path, overrides).cfg
     raise UserError(f"--resume {resume.path}: no config.yaml next to it; pass the config file as well")
 
 

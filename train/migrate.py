@@ -7,7 +7,7 @@ Migration writes, into ``DIR`` (built in a temporary folder next to it and renam
 end, so a failed migration leaves nothing half-written):
 
 * ``config.yaml``          the native config (``train/schema.ExperimentConfig``) with every
-                           ``validate --fix`` correction applied (seed 002's ``vqvae2`` +
+                           ``validate --fix`` correction applied (the legacy ``vqvae2`` +
                            ``EMAVQ`` becomes ``TamingVQGAN``), ``ckpt_path`` removed;
 * ``model.safetensors``    generator weights, upstream key names without ``loss.``;
 * ``discriminator.safetensors``  the taming loss' ``discriminator.*`` entries (keys as in

@@ -46,7 +46,7 @@ class TrainSection:
     max_steps: Optional[int] = None
     # Legacy alternative to max_steps, in passes over the data set.
     max_epochs: Optional[int] = None
-    # Update the discriminator every N generator steps (taming: 1; seed-002 trainer: 3).
+    # Update the discriminator every N generator steps (taming: 1; some legacy EMAVQ trainers: 3).
     disc_update_every: int = 1
     # Clip the global gradient norm of each network to this value; None = no clipping.
     grad_clip: Optional[float] = None
@@ -154,3 +154,19 @@ def make_config(**kwargs) -> ExperimentConfig:
         if isinstance(kwargs.get(key), dict):
             kwargs[key] = cls(**kwargs[key])
     return ExperimentConfig(**kwargs)
+
+
+def config_data(cfg) -> Dict[str, Any]:
+    """The whole config as plain data in the schema's shape (what validation rules read).
+
+    Accepts an ``ExperimentConfig``, its DictConfig, or plain data (returned as a copy).
+    """
+    import dataclasses
+
+    from omegaconf import DictConfig, OmegaConf
+
+    if isinstance(cfg, DictConfig):
+        return OmegaConf.to_container(cfg, resolve=True)
+    if dataclasses.is_dataclass(cfg):
+        return dataclasses.asdict(cfg)
+    return {k: (as_dict(v) if isinstance(v, dict) else v) for k, v in dict(cfg).items()}

@@ -48,6 +48,7 @@ import torch.distributed as dist
 from omegaconf import OmegaConf
 
 from adapters.distributed import is_distributed, rank as dist_rank, world_size as dist_world
+from adapters.registry import get_model_type
 from train import checkpoint as ckpt
 from train.data import DataSpec, make_loader, steps_for_epochs
 from train.errors import UserError
@@ -242,6 +243,11 @@ class Trainer:
         seed_everything(t.seed)
         self.model = build_model(cfg).to(self.device)
         self.calc = LossCalculator.from_config(cfg).to(self.device)
+        if self.batch_augmenter is None:
+            # What the model type's loss family needs in each batch (DinoVQ: teacher features);
+            # built after the model, from the same seeded random state (a random teacher).
+            spec = get_model_type(cfg.model_type)
+            self.batch_augmenter = spec.batch_hook(cfg, self.device) if spec.batch_hook is not None else None
         self.gen_params = list(self.model.generator_parameters())
         # Parameters the generator optimizer does not own get no gradient at all (and DDP
         # does not wait for them).
@@ -367,8 +373,7 @@ class Trainer:
         with stop:
             while self.max_steps is None or self.step < self.max_steps:
                 step = self.step
-                if hasattr(self.model, "update_temperature"):
-                    self.model.update_temperature(step)     # GumbelVQ's temperature schedule
+                step_values = self.model.before_step(step)     # e.g. GumbelVQ's temperature schedule
                 update_disc = self.opt_d is not None and self.calc.should_update_discriminator(step)
                 # Buffers change in the forward (EMA codebooks, BatchNorm statistics): keep a copy
                 # so a skipped step leaves them as they were too (they are small).
@@ -410,7 +415,7 @@ class Trainer:
                         self._backward(d_loss / accumulate, self.scaler_d)
                         step_logs.append(d_log)
                     step_logs.append(out.log)
-                    for c, idx in zip(code_counts, _index_list(out.indices)):
+                    for c, idx in zip(code_counts, out.codes):
                         idx = idx.reshape(-1)
                         idx = idx[(idx >= 0) & (idx < c.numel())]
                         c += torch.bincount(idx, minlength=c.numel()).to(c.dtype)
@@ -483,8 +488,7 @@ class Trainer:
                         for name, value in codebook_stats(c).items():
                             values[f"codebook/{name}{suffix}"] = value
                         c.zero_()
-                    if hasattr(self.model, "update_temperature") and getattr(self.model, "variant", "") == "Gumbel":
-                        values["train/gumbel_temperature"] = float(self.model.quantize.temperature)
+                    values.update(step_values)
                     elapsed = max(time.time() - window_start, 1e-9)
                     values["perf/images_per_s"] = window_images / elapsed
                     values["perf/bad_steps"] = float(self.bad_steps_total)
@@ -742,14 +746,6 @@ class Trainer:
                 log.message(f"warning: {len(differing)} tensors differ between ranks (e.g. {differing[0]})")
             else:
                 log.message(f"all {self.world} ranks hold identical weights and codebooks ({len(mine)} tensors)")
-
-
-def _index_list(indices) -> List[torch.Tensor]:
-    if indices is None:
-        return []
-    if torch.is_tensor(indices):
-        return [indices]
-    return [i for i in indices if torch.is_tensor(i)]
 
 
 def seed_everything(seed: int) -> None:

@@ -14,76 +14,24 @@ from __future__ import annotations
 
 import argparse
 import copy
-import difflib
-import inspect
 import json
 import math
 import os
 import sys
-from dataclasses import asdict, dataclass, field
 from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 import yaml
 
+import losses  # noqa: F401  (registers the loss families' implementations)
 from adapters import registry
-from train.config import (Normalized, SECTION_CLASSES, accepted_model_args, apply_overrides, canonicalize,
-                          normalize, to_structured, type_errors, unknown_keys)
-from train.errors import UserError
-
-DELETE = object()  # a fix operation that removes the key
-
-ERROR, WARNING, INFO = "error", "warning", "info"
-
-
-@dataclass
-class Finding:
-    level: str        # error | warning | info
-    path: str         # dotted key path in the normalized config
-    code: str         # machine-readable code
-    message: str
-    fix: str = ""
-    # operations that --fix applies: (normalized dotted path, new value or DELETE)
-    ops: List[Tuple[str, Any]] = field(default_factory=list, repr=False)
-
-    def as_dict(self) -> Dict[str, str]:
-        return {"level": self.level, "path": self.path, "code": self.code, "message": self.message,
-                "fix": self.fix}
-
+from train.config import (Normalized, SECTION_CLASSES, apply_overrides, normalize, type_errors,
+                          unknown_keys)
+from train.errors import (DELETE, ERROR, INFO, LEVEL_ORDER, WARNING, Finding, UserError, coerce_like,
+                          is_int, is_number, near, type_finding)
 
 # Discriminator settings of taming's loss that do nothing when use_gan is false.
 DISC_KEYS = ("disc_start", "disc_weight", "disc_factor", "disc_num_layers", "disc_in_channels", "disc_ndf",
              "disc_loss", "disc_conditional", "use_actnorm")
-DDCONFIG_INT_KEYS = ("ch", "out_ch", "num_res_blocks", "in_channels", "resolution", "z_channels")
-
-
-def _near(value: str, choices: Sequence[str]) -> Optional[str]:
-    hits = difflib.get_close_matches(value, list(choices), n=1, cutoff=0.6)
-    return hits[0] if hits else None
-
-
-def _is_int(v) -> bool:
-    return isinstance(v, int) and not isinstance(v, bool)
-
-
-def _is_number(v) -> bool:
-    return isinstance(v, (int, float)) and not isinstance(v, bool)
-
-
-def _coerce_like(value, default):
-    """Best-effort conversion of ``value`` to the type of ``default`` (for --fix), or None."""
-    try:
-        if isinstance(default, bool):
-            if isinstance(value, str) and value.lower() in ("true", "false"):
-                return value.lower() == "true"
-            return None
-        if isinstance(default, int):
-            f = float(value)
-            return int(f) if f == int(f) else None
-        if isinstance(default, float):
-            return float(value)
-    except (TypeError, ValueError):
-        return None
-    return None
 
 
 # ----------------------------------------------------------------------------------
@@ -106,53 +54,30 @@ def rule_model_type(data: Dict[str, Any], out: List[Finding]) -> Optional[regist
         return registry.get_model_type(str(model_type))
     except registry.RegistryError as exc:
         spec_names = registry.list_model_types()
-        near = _near(str(model_type), spec_names)
+        close = near(str(model_type), spec_names)
         out.append(Finding(ERROR, "model_type", "unknown_model_type", str(exc),
-                           f"set model_type: {near}" if near else f"use one of {', '.join(spec_names)}",
-                           [("model_type", near)] if near else []))
+                           f"set model_type: {close}" if close else f"use one of {', '.join(spec_names)}",
+                           [("model_type", close)] if close else []))
         return None
 
 
-def rule_variant(data: Dict[str, Any], spec, out: List[Finding]) -> Optional[str]:
-    variant = data.get("model_variant")
-    if spec is None or variant is None:
-        return spec.default_variant if spec else None
-    try:
-        return registry.resolve_variant(spec, variant)
-    except registry.RegistryError:
-        pass
-    owners = [t for t in registry.types_with_variant(variant) if t != spec.name]
-    if owners:
-        owner = owners[0]
-        drop = "model_args.model_variant"
-        own_loss = registry.get_loss_family(spec.loss_family).target
-        lose = ""
-        target = (data.get("lossconfig") or {}).get("target")
-        if target:
-            fam = registry.loss_family_of_target(str(target))
-            if fam and fam != spec.loss_family:
-                lose = f"; its {fam} loss (lossconfig) would be silently dropped"
-        message = (f"model_type {spec.name!r} has no variant {variant!r}: {variant!r} is a {owner} variant, so "
-                   f"the {spec.name} adapter would be built{lose}")
-        fix = (f"set model_type: {owner} (keeps model_variant {variant!r} and its loss); or, if {spec.name} was "
-               f"meant, remove model_variant ({drop})")
-        if spec.name == "vqvae2":
-            fix += (" and lossconfig (VQ-VAE-2's codebooks are always EMA; its loss is "
-                    f"{own_loss})")
-        out.append(Finding(ERROR, "model_variant", "variant_mismatch", message, fix, [("model_type", owner)]))
-        return variant
-    choices = list(spec.variants)
-    near = _near(str(variant), choices)
-    if choices:
-        out.append(Finding(ERROR, "model_variant", "unknown_variant",
-                           f"model_type {spec.name!r} has no variant {variant!r} (variants: {', '.join(choices)})",
-                           f"set model_variant: {near}" if near else f"use one of {', '.join(choices)}",
-                           [("model_variant", near)] if near else []))
-    else:
-        out.append(Finding(ERROR, "model_variant", "unknown_variant",
-                           f"model_type {spec.name!r} has no variants; model_variant {variant!r} means nothing",
-                           "remove model_variant", [("model_variant", DELETE)]))
-    return None
+def rule_canonical_names(data: Dict[str, Any], spec, variant: Optional[str], out: List[Finding]) -> None:
+    """A name read as another (``TamingVQGan`` as ``TamingVQGAN``, ``emavq`` as ``EMAVQ``,
+    an alias) is reported, and ``--fix`` writes the canonical spelling.  Upstream class paths
+    in taming YAML (``model.target``) are how those files name a model: no finding."""
+    if spec is None or (data.get("source") or {}).get("format") == "taming_yaml":
+        return
+    written = data.get("model_type")
+    if isinstance(written, str) and written != spec.name:
+        out.append(Finding(INFO, "model_type", "noncanonical_name",
+                           f"model_type {written!r} is read as {spec.name!r}",
+                           f"write model_type: {spec.name}", [("model_type", spec.name)]))
+    written = data.get("model_variant")
+    if isinstance(written, str) and variant is not None and written != variant and \
+            written.lower() == str(variant).lower():
+        out.append(Finding(INFO, "model_variant", "noncanonical_name",
+                           f"model_variant {written!r} is read as {variant!r}",
+                           f"write model_variant: {variant}", [("model_variant", variant)]))
 
 
 def _effective_spec(data, spec, out) -> Optional[registry.ModelTypeSpec]:
@@ -163,57 +88,11 @@ def _effective_spec(data, spec, out) -> Optional[registry.ModelTypeSpec]:
     return spec
 
 
-def rule_loss_target(data: Dict[str, Any], spec, out: List[Finding]) -> Optional[str]:
-    """Check the loss target against the model type; return the loss family that applies."""
-    if spec is None:
-        return None
-    loss = data.get("lossconfig") or {}
-    target = loss.get("target")
-    if target is None:
-        return spec.loss_family
-    fixed, note = registry.canonical_loss_target(str(target))
-    if note:
-        out.append(Finding(INFO, "lossconfig.target", "vendored_target", note,
-                           f"write target: {fixed}", [("lossconfig.target", fixed)]))
-    family = registry.loss_family_of_target(fixed)
-    if fixed == "taming.modules.losses.vqperceptual.DummyLoss":
-        return "none"
-    if family is None:
-        near = _near(fixed, registry.known_loss_targets())
-        out.append(Finding(ERROR, "lossconfig.target", "unknown_loss_target",
-                           f"unknown loss target {target!r}",
-                           f"use {near}" if near else f"use one of {', '.join(registry.known_loss_targets())}",
-                           [("lossconfig.target", near)] if near else []))
-        return None
-    if family != spec.loss_family and not any(f.code == "variant_mismatch" for f in out):
-        own = registry.get_loss_family(spec.loss_family)
-        takers = [n for n in registry.list_model_types() if registry.get_model_type(n).loss_family == family]
-        out.append(Finding(ERROR, "lossconfig.target", "loss_family_mismatch",
-                           f"model_type {spec.name!r} takes the {spec.loss_family} loss family, but lossconfig.target "
-                           f"is the {family} family ({fixed}); it would be silently dropped",
-                           f"set model_type: {takers[0]} to use this loss, or set lossconfig.target: {own.target}"
-                           if takers else f"set lossconfig.target: {own.target}",
-                           [("model_type", takers[0])] if takers else []))
-    return family
-
-
-def _loss_signature(family: str) -> Optional[Dict[str, inspect.Parameter]]:
-    """Constructor parameters of the installed loss class a family's target names."""
-    import importlib
-
-    target = registry.get_loss_family(family).target
-    module_name, _, cls_name = target.rpartition(".")
-    try:
-        cls = getattr(importlib.import_module(module_name), cls_name)
-    except (ImportError, AttributeError):
-        return None
-    params = dict(inspect.signature(cls.__init__ if not hasattr(cls, "__dataclass_fields__") else cls).parameters)
-    params.pop("self", None)
-    params = {k: p for k, p in params.items() if p.kind not in (p.VAR_KEYWORD, p.VAR_POSITIONAL)}
-    return params
+rule_loss_target = registry.loss_target_rule
 
 
 def rule_loss_params(data: Dict[str, Any], family: Optional[str], out: List[Finding]) -> None:
+    """The loss family's own parameter rules (the ones its builder runs)."""
     if family in (None, "none"):
         return
     params = (data.get("lossconfig") or {}).get("params") or {}
@@ -221,40 +100,7 @@ def rule_loss_params(data: Dict[str, Any], family: Optional[str], out: List[Find
         out.append(Finding(ERROR, "lossconfig.params", "bad_type", "lossconfig.params must be a mapping",
                            "write params as key: value pairs"))
         return
-    signature = _loss_signature(family)
-    if signature is None:
-        return
-    for key, value in params.items():
-        path = f"lossconfig.params.{key}"
-        if key not in signature:
-            near = _near(key, list(signature))
-            out.append(Finding(ERROR, path, "unknown_loss_param",
-                               f"the {family} loss has no parameter {key!r}"
-                               + (f" (nearest valid: {near!r})" if near else ""),
-                               f"rename it to {near}" if near else
-                               f"remove it; valid parameters: {', '.join(signature)}",
-                               [(path, DELETE), (f"lossconfig.params.{near}", value)] if near else [(path, DELETE)]))
-            continue
-        default = signature[key].default
-        if default is inspect.Parameter.empty or default is None or value is None:
-            if key == "disc_start" and not _is_int(value):
-                _type_finding(out, path, value, 0, "an integer (steps)")
-            continue
-        if isinstance(default, bool):
-            if not isinstance(value, bool):
-                _type_finding(out, path, value, default, "true or false")
-        elif isinstance(default, (int, float)):
-            if not _is_number(value):
-                _type_finding(out, path, value, default, "a number")
-        elif isinstance(default, str) and not isinstance(value, str):
-            _type_finding(out, path, value, default, "a string")
-
-
-def _type_finding(out, path, value, default, what):
-    fixed = _coerce_like(value, default)
-    out.append(Finding(ERROR, path, "bad_type", f"{path} is {value!r} ({type(value).__name__}); expected {what}",
-                       f"write {path.split('.')[-1]}: {fixed!r}" if fixed is not None else f"write {what}",
-                       [(path, fixed)] if fixed is not None else [(path, DELETE)]))
+    out.extend(registry.get_loss_implementation(family).param_rules(data))
 
 
 def rule_schema(data: Dict[str, Any], out: List[Finding]) -> None:
@@ -266,7 +112,7 @@ def rule_schema(data: Dict[str, Any], out: List[Finding]) -> None:
         default = None
         if section in SECTION_CLASSES and key:
             default = getattr(SECTION_CLASSES[section](), key, None)
-        fixed = _coerce_like(data[section][key], default) if key and default is not None else None
+        fixed = coerce_like(data[section][key], default) if key and default is not None else None
         out.append(Finding(ERROR, path, "bad_type", f"{path}: {message}",
                            f"write {key}: {fixed!r}" if fixed is not None else "write a value of the right type "
                            "or remove the key (the default applies)",
@@ -292,13 +138,13 @@ def rule_extras(norm: Normalized, out: List[Finding]) -> None:
         out.append(Finding(INFO, path, "renamed_key", note, f"write it as {path} in the native config"))
 
 
-def rule_gan(data: Dict[str, Any], family: Optional[str], out: List[Finding]) -> None:
+def rule_gan(data: Dict[str, Any], spec, family: Optional[str], out: List[Finding]) -> None:
     train = data.get("train") or {}
-    use_gan = train.get("use_gan", True)
-    params = (data.get("lossconfig") or {}).get("params") or {}
-    if family == "dinovq":
-        params = data.get("model_args") or {}
-        use_gan = params.get("use_gan", False)
+    if spec is None:
+        use_gan, params = train.get("use_gan", True), (data.get("lossconfig") or {}).get("params") or {}
+    else:
+        # Where the GAN switch and the discriminator settings live is the model type's say.
+        use_gan, params = spec.gan_settings(data)
     if not isinstance(params, dict) or not isinstance(use_gan, bool):
         return
     present = [k for k in DISC_KEYS if k in params]
@@ -309,7 +155,7 @@ def rule_gan(data: Dict[str, Any], family: Optional[str], out: List[Finding]) ->
                            "set use_gan: true to train with the GAN, or remove them"))
     max_steps = train.get("max_steps")
     disc_start = params.get("disc_start", 0 if family != "taming" else None)
-    if use_gan and _is_int(max_steps) and _is_int(disc_start) and disc_start >= max_steps:
+    if use_gan and is_int(max_steps) and is_int(disc_start) and disc_start >= max_steps:
         out.append(Finding(WARNING, "lossconfig.params.disc_start", "gan_never_starts",
                            f"disc_start {disc_start} is at or beyond max_steps {max_steps}: the GAN never starts",
                            "lower disc_start, raise max_steps, or set use_gan: false"))
@@ -336,7 +182,7 @@ def rule_train_values(data: Dict[str, Any], out: List[Finding]) -> None:
                 return float(value)
             except ValueError:
                 return None     # a type error, reported by rule_schema
-        return float(value) if _is_number(value) else None
+        return float(value) if is_number(value) else None
 
     for key in ("learning_rate", "base_learning_rate"):
         value = number(key)
@@ -351,7 +197,7 @@ def rule_train_values(data: Dict[str, Any], out: List[Finding]) -> None:
         bad("weight_decay", "weight decay must be a number >= 0", "write weight_decay: 0.0 (none) or e.g. 0.01")
     for key in ("seed", "num_workers"):
         value = train.get(key)
-        if _is_int(value) and value < 0:
+        if is_int(value) and value < 0:
             bad(key, "it must be >= 0", f"write a {key} >= 0")
 
 
@@ -360,12 +206,13 @@ def rule_codebook_init(data: Dict[str, Any], spec, variant: Optional[str], out: 
     if (data.get("train") or {}).get("init_codebook_from_data") is not True or spec is None:
         return
     path = "train.init_codebook_from_data"
-    if spec.name == "TamingVQGAN" and variant not in (None, "EMAVQ"):   # None: variant unknown, reported
+    if variant is not None and not spec.ema_codebook(variant):   # None: variant unknown, reported
+        ema = [v for v in spec.variants if spec.ema_codebook(v)]
         out.append(Finding(ERROR, path, "codebook_init_needs_ema",
-                           f"init_codebook_from_data starts EMA codebooks from data; TamingVQGAN {variant} learns "
+                           f"init_codebook_from_data starts EMA codebooks from data; {spec.name} {variant} learns "
                            "its codebook by gradients and has no EMA statistics to start",
-                           "set train.init_codebook_from_data: false (or model_variant: EMAVQ)",
-                           [(path, False)]))
+                           "set train.init_codebook_from_data: false"
+                           + (f" (or model_variant: {ema[0]})" if ema else ""), [(path, False)]))
     elif (data.get("model_args") or {}).get("ckpt_path"):
         out.append(Finding(ERROR, path, "codebook_init_overwrites_weights",
                            "init_codebook_from_data would replace the codebook loaded from model_args.ckpt_path",
@@ -373,191 +220,27 @@ def rule_codebook_init(data: Dict[str, Any], spec, variant: Optional[str], out: 
                            [(path, False)]))
 
 
-def rule_taming_model_args(data: Dict[str, Any], variant: Optional[str], out: List[Finding]) -> None:
-    args = data.get("model_args") or {}
-    for key in ("n_embed", "embed_dim", "ddconfig"):
-        if key not in args:
-            out.append(Finding(ERROR, f"model_args.{key}", "missing_model_arg",
-                               f"TamingVQGAN needs model_args.{key}", f"add model_args.{key}"))
-    for key in ("n_embed", "embed_dim"):
-        if key in args and (not _is_int(args[key]) or args[key] <= 0):
-            fixed = _coerce_like(args[key], 1)
-            out.append(Finding(ERROR, f"model_args.{key}", "bad_type" if not _is_int(args[key]) else "bad_value",
-                               f"model_args.{key} is {args[key]!r}; expected a positive integer",
-                               f"write {key}: {fixed}" if fixed and fixed > 0 else "write a positive integer",
-                               [(f"model_args.{key}", fixed)] if fixed and fixed > 0 else []))
-    dd = args.get("ddconfig")
-    if dd is None:
-        return
-    if not isinstance(dd, dict):
-        out.append(Finding(ERROR, "model_args.ddconfig", "bad_type", "ddconfig must be a mapping",
-                           "write ddconfig as key: value pairs"))
-        return
-    for key in DDCONFIG_INT_KEYS:
-        path = f"model_args.ddconfig.{key}"
-        if key not in dd:
-            out.append(Finding(ERROR, path, "missing_model_arg", f"ddconfig needs {key}", f"add {path}"))
-            continue
-        value = dd[key]
-        if not _is_int(value):
-            _type_finding(out, path, value, 1, "an integer")
-        elif value <= 0:
-            out.append(Finding(ERROR, path, "bad_value", f"{path} is {value}; sizes must be positive",
-                               f"set {key} to a positive integer"))
-    ch_mult = dd.get("ch_mult")
-    if not isinstance(ch_mult, (list, tuple)) or not ch_mult or not all(_is_int(m) for m in ch_mult):
-        out.append(Finding(ERROR, "model_args.ddconfig.ch_mult", "bad_type",
-                           f"ddconfig.ch_mult is {ch_mult!r}; expected a non-empty list of integers",
-                           "e.g. ch_mult: [1, 1, 2, 2, 4]"))
-        ch_mult = None
-    elif any(m <= 0 for m in ch_mult):
-        out.append(Finding(ERROR, "model_args.ddconfig.ch_mult", "bad_value", "ch_mult entries must be positive",
-                           "use positive channel multipliers"))
-    if ch_mult and _is_int(dd.get("ch")) and dd["ch"] > 0:
-        widths = sorted({dd["ch"] * m for m in [1, *ch_mult] if _is_int(m)})
-        odd = [w for w in widths if w % 32]
-        if odd:
-            out.append(Finding(ERROR, "model_args.ddconfig.ch", "groupnorm_width",
-                               f"channel widths {odd} (ch x ch_mult) are not multiples of 32, which taming's "
-                               "GroupNorm(32 groups) needs", "use ch: 32, 64, 128, ..."))
-    if variant == "Gumbel" and _is_int(args.get("embed_dim")) and _is_int(dd.get("z_channels")) \
-            and args["embed_dim"] != dd["z_channels"]:
-        out.append(Finding(ERROR, "model_args.embed_dim", "gumbel_embed_dim",
-                           f"Gumbel: embed_dim ({args['embed_dim']}) must equal ddconfig.z_channels "
-                           f"({dd['z_channels']}): upstream GumbelQuantize is built for z_channels inputs",
-                           f"set embed_dim: {dd['z_channels']}", [("model_args.embed_dim", dd["z_channels"])]))
-    if dd.get("double_z") is True and variant != "KL":
-        out.append(Finding(ERROR, "model_args.ddconfig.double_z", "double_z_on_vq",
-                           "double_z: true doubles the encoder's output channels (for KL autoencoders); a VQ "
-                           "model's quant_conv expects z_channels and would fail",
-                           "set double_z: false", [("model_args.ddconfig.double_z", False)]))
-    resolution = dd.get("resolution")
-    attn = dd.get("attn_resolutions", [])
-    if ch_mult and _is_int(resolution) and resolution > 0 and isinstance(attn, (list, tuple)):
-        levels = [resolution // (2 ** i) for i in range(len(ch_mult))]
-        unreachable = [a for a in attn if a not in levels]
-        if unreachable:
-            keep = [a for a in attn if a in levels]
-            out.append(Finding(WARNING, "model_args.ddconfig.attn_resolutions", "attn_unreachable",
-                               f"attn_resolutions {unreachable} are never reached (levels: {levels}); "
-                               "no attention is built there",
-                               f"use resolutions from {levels}, e.g. attn_resolutions: {keep or [levels[-1]]}",
-                               [("model_args.ddconfig.attn_resolutions", keep or [levels[-1]])]))
-        if resolution % (2 ** (len(ch_mult) - 1)):
-            out.append(Finding(ERROR, "model_args.ddconfig.resolution", "bad_value",
-                               f"resolution {resolution} is not divisible by the total downsampling "
-                               f"{2 ** (len(ch_mult) - 1)}", "use a multiple of it"))
-    params = (data.get("lossconfig") or {}).get("params") or {}
-    if isinstance(params, dict) and "disc_in_channels" in params and _is_int(dd.get("out_ch")):
-        if params["disc_in_channels"] != dd["out_ch"]:
-            out.append(Finding(ERROR, "lossconfig.params.disc_in_channels", "disc_channels_mismatch",
-                               f"disc_in_channels {params['disc_in_channels']} differs from the model's out_ch "
-                               f"{dd['out_ch']}: the discriminator could not read the reconstructions",
-                               f"set disc_in_channels: {dd['out_ch']}",
-                               [("lossconfig.params.disc_in_channels", dd["out_ch"])]))
-
-
-def rule_vqvae2_model_args(data: Dict[str, Any], out: List[Finding]) -> None:
-    args = data.get("model_args") or {}
-    for key in ("in_channel", "channel", "n_res_block", "n_res_channel", "embed_dim", "n_embed"):
-        if key in args:
-            value = args[key]
-            if not _is_int(value):
-                _type_finding(out, f"model_args.{key}", value, 1, "an integer")
-            elif value < (0 if key == "n_res_block" else 1):
-                out.append(Finding(ERROR, f"model_args.{key}", "bad_value",
-                                   f"model_args.{key} is {value}; it must be "
-                                   f"{'0 or more' if key == 'n_res_block' else 'positive'}",
-                                   f"set {key} to a {'non-negative' if key == 'n_res_block' else 'positive'} integer"))
-
-
-def rule_dinovq_model_args(data: Dict[str, Any], out: List[Finding]) -> None:
-    args = data.get("model_args") or {}
-    ints = ("encoder_embed_dim", "codebook_size", "patch_size", "dino_dim", "disc_start", "disc_dim",
-            "disc_num_layers")
-    for key in ints:
-        if key in args and not _is_int(args[key]):
-            _type_finding(out, f"model_args.{key}", args[key], 1, "an integer")
-    for key in ("dino_loss_weight", "recon_loss_weight", "vq_loss_weight", "perceptual_weight", "disc_weight"):
-        if key in args and not _is_number(args[key]):
-            _type_finding(out, f"model_args.{key}", args[key], 1.0, "a number")
-    img_size = args.get("img_size")
-    data_size = (data.get("data") or {}).get("image_size")
-    if img_size is not None and _is_int(data_size):
-        sizes = img_size if isinstance(img_size, (list, tuple)) else [img_size, img_size]
-        if any(s != data_size for s in sizes):
-            out.append(Finding(ERROR, "data.image_size", "image_size_mismatch",
-                               f"data.image_size {data_size} differs from model_args.img_size {img_size!r}: "
-                               "DinoVQ's position embeddings and token grid are built for img_size",
-                               f"set data.image_size: {sizes[0]}" if sizes[0] == sizes[-1] else
-                               "make them agree", [("data.image_size", sizes[0])] if sizes[0] == sizes[-1] else []))
-    teacher = data.get("teacher") or {}
-    if not teacher.get("ckpt_path") and not teacher.get("allow_random") and \
-            not (data.get("data") or {}).get("feature_cache"):
-        out.append(Finding(WARNING, "teacher.ckpt_path", "teacher_weights_missing",
-                           "no DINO teacher weights: fit needs teacher.ckpt_path (a local DINO / DINOv2 checkpoint) "
-                           "or a data.feature_cache made by extract-features",
-                           "set teacher.ckpt_path=/path/to/dino_vitbase16_pretrain.pth"))
-    img, patch = args.get("img_size"), args.get("patch_size", 16)
-    if img is not None and _is_int(patch) and patch > 0:
-        sizes = img if isinstance(img, (list, tuple)) else [img, img]
-        if not all(_is_int(s) and s > 0 and s % patch == 0 for s in sizes):
-            out.append(Finding(ERROR, "model_args.img_size", "bad_value",
-                               f"img_size {img!r} must be positive multiples of patch_size {patch}",
-                               "use a multiple of patch_size"))
-
-
-def rule_model_arg_names(data: Dict[str, Any], spec, variant: Optional[str], out: List[Finding]) -> None:
-    args = data.get("model_args") or {}
-    # TamingVQGAN without a variant is VQ, as the builder reads it; other types have none.
-    accepted = accepted_model_args(spec.name, variant or "VQ") if spec is not None else None
-    if accepted is None or not isinstance(args, dict):
-        return
-    names, strict = accepted
-    for key in args:
-        if key in names:
-            continue
-        path = f"model_args.{key}"
-        near = _near(key, names)
-        if near and near not in args:
-            out.append(Finding(ERROR, path, "unknown_model_arg",
-                               f"{spec.name} has no model argument {key!r} (nearest valid: {near!r})",
-                               f"rename it to {near}", [(path, DELETE), (f"model_args.{near}", args[key])]))
-        elif strict:
-            out.append(Finding(ERROR, path, "unknown_model_arg",
-                               f"{spec.name}{' ' + variant if variant else ''} takes no model argument {key!r}",
-                               f"remove it; valid names: {', '.join(n for n in names if n != 'model_variant')}",
-                               [(path, DELETE)]))
-        else:
-            out.append(Finding(WARNING, path, "ignored_model_arg",
-                               f"{spec.name} does not use model_args.{key}; it is ignored",
-                               "remove it, or check that model_type is the one you meant"))
-
-
 def collect(norm: Normalized) -> List[Finding]:
-    """Run every rule on a normalized config and return all findings."""
+    """Run every rule on a normalized config and return all findings (errors first)."""
     data = norm.data
     out: List[Finding] = []
     rule_schema(data, out)
     spec = rule_model_type(data, out)
-    variant = rule_variant(data, spec, out)
+    variant = registry.variant_rule(data, spec, out)
+    rule_canonical_names(data, spec, variant, out)
     spec = _effective_spec(data, spec, out)
     family = rule_loss_target(data, spec, out)
     rule_loss_params(data, family, out)
-    if not any(f.code in ("variant_mismatch", "loss_family_mismatch") for f in out):
-        rule_model_arg_names(data, spec, variant if spec is not None and spec.variants else None, out)
-    if spec is not None and spec.name == "TamingVQGAN":
-        rule_taming_model_args(data, variant if spec.variants else None, out)
-    elif spec is not None and spec.name == "vqvae2":
-        rule_vqvae2_model_args(data, out)
-    elif spec is not None and spec.name == "DinoVQ":
-        rule_dinovq_model_args(data, out)
-    rule_gan(data, family, out)
+    variant = variant if spec is not None and spec.variants else None
+    if spec is not None:
+        if not any(f.code in ("variant_mismatch", "loss_family_mismatch") for f in out):
+            out.extend(registry.model_arg_findings(spec, data, variant))
+        spec.rules(data, variant or spec.default_variant, out)
+    rule_gan(data, spec, family, out)
     rule_train_values(data, out)
-    rule_codebook_init(data, spec, variant if spec is not None and spec.variants else None, out)
+    rule_codebook_init(data, spec, variant, out)
     rule_extras(norm, out)
-    order = {ERROR: 0, WARNING: 1, INFO: 2}
-    return sorted(out, key=lambda f: order[f.level])
+    return sorted(out, key=lambda f: LEVEL_ORDER[f.level])
 
 
 def validate_file(path: str, overrides: Sequence[str] = ()) -> Tuple[Normalized, List[Finding]]:
@@ -565,21 +248,6 @@ def validate_file(path: str, overrides: Sequence[str] = ()) -> Tuple[Normalized,
     if overrides:
         norm.data = apply_overrides(norm.data, overrides)
     return norm, collect(norm)
-
-
-def load_checked(path: str, overrides: Sequence[str] = ()):
-    """Load a config for training: any validation error stops here with every finding.
-
-    Returns the typed config.  Raises UserError (exit 2) listing each error and its fix,
-    e.g. the seed-002 ``vqvae2`` + ``EMAVQ`` mismatch, instead of training the wrong model.
-    """
-    norm, findings = validate_file(path, overrides)
-    errors = [f for f in findings if f.level == ERROR]
-    if errors:
-        lines = "; ".join(f"{f.path}: {f.message} (fix: {f.fix})" for f in errors)
-        raise UserError(f"{path}: {len(errors)} config error(s): {lines}. "
-                        f"`python -m train validate {path} --fix OUT` writes a corrected copy")
-    return to_structured(canonicalize(norm.data))
 
 
 # ----------------------------------------------------------------------------------

@@ -1,0 +1,52 @@
+"""The model contract: what every registered model answers, whatever its type.
+
+The trainer, the loss families, ``eval`` and ``migrate`` only use these members, so they
+never ask which model they hold:
+
+* ``forward(x)`` -> ``(reconstruction, quantizer_loss)`` (taming's and rosinality's shape);
+  ``forward(x, return_codes=True)`` -> ``(reconstruction, quantizer_loss, codes)`` with
+  ``codes`` a tuple of LongTensors, one (B, h, w) map per codebook, in ``codebook_names``
+  order.  Losses call it through the (possibly DDP-wrapped) model so DDP sees the forward.
+* ``codebook_names`` / ``codebook_sizes``: one entry per codebook (usage statistics).
+* ``decode_code(*codes)``: code maps back to images.
+* ``get_last_layer()``: the decoder's last weight (the adaptive GAN weight).
+* ``generator_parameters()``: what the generator optimizer owns (EMA codebooks are buffers
+  updated by EMA, never by the optimizer).
+* ``before_step(global_step)`` -> ``{log name: value}``: called by the trainer before each
+  step (GumbelVQ's temperature schedule); most models do nothing and return ``{}``.
+* ``init_codebook_from_data(images, seed, batch_size)``: EMA codebooks start from encoder
+  outputs (``train.init_codebook_from_data``); models without one refuse with a message.
+
+Models store nothing about the last batch.
+"""
+from __future__ import annotations
+
+from typing import Dict, Iterable, Tuple
+
+import torch
+from torch import nn
+
+from train.errors import UserError
+
+
+class Tokenizer(nn.Module):
+    """Base class of every registered model (defaults for the optional members)."""
+
+    codebook_names: Tuple[str, ...] = ("codebook",)
+
+    @property
+    def codebook_sizes(self) -> Tuple[int, ...]:  # pragma: no cover - every model overrides it
+        raise NotImplementedError
+
+    def get_last_layer(self) -> torch.Tensor:  # pragma: no cover - every model overrides it
+        raise NotImplementedError
+
+    def generator_parameters(self) -> Iterable[nn.Parameter]:
+        return self.parameters()
+
+    def before_step(self, global_step: int) -> Dict[str, float]:
+        return {}
+
+    def init_codebook_from_data(self, images: torch.Tensor, seed: int = 0, batch_size: int = 16):
+        raise UserError(f"train.init_codebook_from_data: {type(self).__name__} has no EMA codebook to start "
+                        "from data; set train.init_codebook_from_data=false")
