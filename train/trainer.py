@@ -52,6 +52,7 @@ from train import checkpoint as ckpt
 from train.data import DataSpec, make_loader, steps_for_epochs
 from train.errors import UserError
 from train.logger import RunLogger
+from train.optimizer import build_optimizer
 
 PRECISIONS = ("fp32", "bf16", "fp16")
 # train.init_codebook_from_data: training crops encoded for the start (more when the codes
@@ -255,22 +256,11 @@ class Trainer:
                               for b in m.buffers() if b.is_floating_point()]
 
         self.lr, self.lr_note = learning_rate(cfg, self.world)
-        betas = tuple(float(b) for b in t.adam_betas)
-        if t.weight_decay > 0:
-            # AdamW with no decay on norms, biases, embeddings and codebooks (train/optimizer.py).
-            from train.optimizer import get_optimizer
-
-            names = {id(p): n for n, p in self.model.named_parameters()}
-            self.opt_g = get_optimizer([(names.get(id(p), str(i)), p) for i, p in enumerate(self.gen_params)],
-                                       lr=self.lr, wd=t.weight_decay, betas=betas)
-            self.opt_d = get_optimizer(list(self.discriminator.named_parameters()), lr=self.lr,
-                                       wd=t.weight_decay, betas=betas) if self.disc_params else None
-        else:
-            # taming's optimizers: plain Adam, one group, upstream's parameter order (so
-            # migrated optimizer states line up).
-            self.opt_g = torch.optim.Adam(self.gen_params, lr=self.lr, betas=betas)
-            # use_gan false: no discriminator optimizer exists, so none is ever checkpointed.
-            self.opt_d = torch.optim.Adam(self.disc_params, lr=self.lr, betas=betas) if self.disc_params else None
+        # The same function builds migrate's optimizers, so carried moments fit these groups.
+        self.opt_g = build_optimizer(self.model, self.gen_params, self.lr, float(t.weight_decay), t.adam_betas)
+        # use_gan false: no discriminator optimizer exists, so none is ever checkpointed.
+        self.opt_d = build_optimizer(self.discriminator, self.disc_params, self.lr, float(t.weight_decay),
+                                     t.adam_betas) if self.disc_params else None
         fp16 = self.precision == "fp16"
         self.scaler_g = torch.amp.GradScaler("cuda") if fp16 else None
         self.scaler_d = torch.amp.GradScaler("cuda") if fp16 and self.opt_d is not None else None
