@@ -309,8 +309,8 @@ def test_weight_decay_run_resumes_with_the_carried_optimizer_moments(tmp_path, d
     assert code == 0
     assert not [n for n in trainer.notes if "optimizer" in n or "starts fresh" in n], trainer.notes
     model_names = {id(p): n for n, p in trainer.model.named_parameters()}
-    disc_names = {id(p): f"discriminator.{n}" for n, p in trainer.discriminator.named_parameters()}
-    for opt, names in ((trainer.opt_g, model_names), (trainer.opt_d, disc_names)):
+    disc_names = {id(p): f"discriminator.{n}" for n, p in trainer.disc.module.named_parameters()}
+    for opt, names in ((trainer.gen.optimizer, model_names), (trainer.disc.optimizer, disc_names)):
         assert isinstance(opt, torch.optim.AdamW) and len(opt.param_groups) == 2
         params = [p for g in opt.param_groups for p in g["params"]]
         assert params and all(p in opt.state for p in params)

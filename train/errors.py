@@ -8,3 +8,9 @@ class UserError(Exception):
     """
 
     exit_code = 2
+
+
+class TrainingStopped(Exception):
+    """Training cannot go on (e.g. too many non-finite steps).  CLI exit code 1."""
+
+    exit_code = 1
