@@ -93,9 +93,9 @@ def make_sides(model: nn.Module, calc: LossCalculator, train_cfg, lr: float,
     """``(generator side, discriminator side or None)``.
 
     The discriminator side trains the loss's discriminator, and exists only when ``use_gan``
-    is on and the loss has one with parameters.  The generator trains ``model.generator_parameters()`` (EMA codebooks are updated by EMA,
-    never by Adam); the model's other parameters get no gradient at all (and DDP does not
-    wait for them).
+    is on and the loss has one with parameters.  The generator side trains
+    ``model.generator_parameters()`` (EMA codebooks are updated by EMA, never by Adam); the
+    model's other parameters get no gradient at all (and DDP does not wait for them).
     """
     t = train_cfg
     clip = float(t.grad_clip) if t.grad_clip is not None else None

@@ -320,9 +320,6 @@ class Trainer:
     def _ckpt_path(self, name: str) -> str:
         return os.path.join(self.run_dir or ".", "checkpoints", name)
 
-    def training_state(self) -> Dict:
-        return ckpt.training_state(self)
-
     def save(self, keep: bool = False) -> None:
         """Write ``last.ckpt`` + ``last.safetensors`` (rank 0); ``keep`` adds ``step-N.ckpt``."""
         ckpt.save(self, keep=keep)
