@@ -30,8 +30,8 @@ def main() -> int:
     code, trainer = run(argv)
     rank = int(os.environ.get("RANK", "0"))
     tensors = dict(trainer.model.state_dict())
-    if trainer.discriminator is not None:
-        tensors.update({f"discriminator.{k}": v for k, v in trainer.discriminator.state_dict().items()})
+    if trainer.disc is not None:
+        tensors.update({f"discriminator.{k}": v for k, v in trainer.disc.module.state_dict().items()})
     from train.data import StepBatchSampler
 
     sampler = StepBatchSampler(trainer.cfg.train.batch_size, trainer.cfg.train.accumulate_grad_batches,

@@ -89,9 +89,9 @@ def fit_main() -> int:
     out_dir, argv = sys.argv[2], sys.argv[3:]
     code, trainer = run(argv)
     tensors = {f"model.{k}": v.detach().cpu().clone() for k, v in trainer.model.state_dict().items()}
-    if trainer.discriminator is not None:
+    if trainer.disc is not None:
         tensors.update({f"discriminator.{k}": v.detach().cpu().clone()
-                        for k, v in trainer.discriminator.state_dict().items()})
+                        for k, v in trainer.disc.module.state_dict().items()})
     torch.save({"tensors": tensors, "step": trainer.step, "world": trainer.world, "code": code},
                os.path.join(out_dir, f"fit_rank{int(os.environ.get('RANK', '0'))}.pt"))
     return code

@@ -18,7 +18,8 @@ from train.config import load_config
 from train.data import fixed_crops, resolve_data
 from train.errors import UserError
 from train.fit import run
-from train.trainer import CODEBOOK_INIT_CROPS, Trainer
+from train.codebook_init import CODEBOOK_INIT_CROPS
+from train.trainer import Trainer
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 EMA_KEYS = ("quantize.embedding.weight", "quantize.embedding.embed_avg", "quantize.embedding.cluster_size")

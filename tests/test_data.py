@@ -120,7 +120,7 @@ def test_fit_reads_a_taming_yaml_with_custom_train(tmp_path):
     config.write_text(yaml.safe_dump(doc))
     code, trainer = run([str(config), "--out", str(tmp_path / "run"), "--max-steps", "1", "--no-bar"])
     assert code == 0
-    assert trainer.opt_g.param_groups[0]["lr"] == pytest.approx(2.0e-6 * 3)    # base x batch x 1 x 1
+    assert trainer.gen.optimizer.param_groups[0]["lr"] == pytest.approx(2.0e-6 * 3)    # base x batch x 1 x 1
     assert trainer.data.paths == paths
 
 

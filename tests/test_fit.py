@@ -94,7 +94,7 @@ def test_use_gan_false_has_no_discriminator_optimizer(tmp_path, capsys):
     out = tmp_path / "run"
     code, trainer = run([config, "--out", str(out), "--max-steps", "2", "--no-bar"])
     assert code == 0
-    assert trainer.opt_d is None and trainer.disc_params == []
+    assert trainer.disc is None and trainer.sides == [trainer.gen]
     # The taming loss keeps its discriminator module, which must stay untouched.
     assert all(p.grad is None for p in trainer.calc.discriminator.parameters())
     state = torch.load(out / "checkpoints" / "last.ckpt", weights_only=True)
@@ -117,7 +117,7 @@ def test_seed_002_config_trains_after_validate_fix(tmp_path):
                          "--no-bar", "train.batch_size=1", "train.allow_random_vgg=true"])
     assert code == 0 and trainer.step == 1
     assert trainer.cfg.model_type == "TamingVQGAN" and trainer.cfg.model_variant == "EMAVQ"
-    assert trainer.opt_d is None                       # use_gan: false in the seed's config
+    assert trainer.disc is None                        # use_gan: false in the seed's config
     assert (tmp_path / "run" / "checkpoints" / "last.safetensors").is_file()
 
 
@@ -127,8 +127,8 @@ def test_taming_lr_scaling_is_applied_and_printed(tmp_path, capsys):
                          "train.learning_rate=null", "train.base_learning_rate=1e-5",
                          "train.accumulate_grad_batches=2"])
     assert code == 0
-    assert trainer.opt_g.param_groups[0]["lr"] == pytest.approx(1e-5 * 2 * 2 * 1)
-    assert trainer.opt_d.param_groups[0]["lr"] == pytest.approx(4e-5)
+    assert trainer.gen.optimizer.param_groups[0]["lr"] == pytest.approx(1e-5 * 2 * 2 * 1)
+    assert trainer.disc.optimizer.param_groups[0]["lr"] == pytest.approx(4e-5)
     assert "x 2 (batch_size) x 2 (accumulate_grad_batches) x 1" in capsys.readouterr().out
 
 
@@ -252,7 +252,7 @@ def test_bf16_autocast_and_epochs_to_steps(tmp_path):
     config = tiny_config(tmp_path, use_gan=True, disc_start=0)
     code, trainer = run([config, "--out", str(tmp_path / "bf16"), "--max-steps", "1", "--no-bar",
                          "train.precision=bf16"])
-    assert code == 0 and trainer.scaler_g is None
+    assert code == 0 and trainer.gen.scaler is None
     state = torch.load(tmp_path / "bf16" / "checkpoints" / "last.ckpt", weights_only=True)
     assert all(v.dtype != torch.bfloat16 for v in state["model"].values())   # weights stay fp32
 
@@ -276,19 +276,19 @@ def test_weight_decay_spares_norms_biases_and_codebooks(tmp_path):
     cfg = load_config(config, ["train.weight_decay=0.1"])
     trainer = Trainer(cfg, resolve_data(cfg), None)
     names = {id(p): n for n, p in trainer.model.named_parameters()}
-    for opt, module_names in ((trainer.opt_g, names),
-                              (trainer.opt_d, {id(p): n for n, p in trainer.discriminator.named_parameters()})):
+    for opt, module_names in ((trainer.gen.optimizer, names),
+                              (trainer.disc.optimizer, {id(p): n for n, p in trainer.disc.module.named_parameters()})):
         assert isinstance(opt, torch.optim.AdamW)
         decayed = {module_names[id(p)] for g in opt.param_groups if g["weight_decay"] > 0 for p in g["params"]}
         spared = {module_names[id(p)] for g in opt.param_groups if g["weight_decay"] == 0 for p in g["params"]}
         assert decayed and spared
         assert all(p.ndim > 1 for g in opt.param_groups if g["weight_decay"] > 0 for p in g["params"])
         assert not any(n.endswith(".bias") or ".norm" in n or "quantize.embedding" in n for n in decayed), decayed
-    assert "quantize.embedding.weight" in {names[id(p)] for g in trainer.opt_g.param_groups for p in g["params"]}
+    assert "quantize.embedding.weight" in {names[id(p)] for g in trainer.gen.optimizer.param_groups for p in g["params"]}
     # without weight decay: taming's plain Adam, one group
     cfg = load_config(config)
     plain = Trainer(cfg, resolve_data(cfg), None)
-    assert type(plain.opt_g) is torch.optim.Adam and len(plain.opt_g.param_groups) == 1
+    assert type(plain.gen.optimizer) is torch.optim.Adam and len(plain.gen.optimizer.param_groups) == 1
 
 
 @pytest.mark.parametrize("override", ["train.learning_rate=-1", "train.grad_clip=.nan", "train.seed=-5",
@@ -304,7 +304,7 @@ def test_resume_without_config_refuses_unusable_train_values(tmp_path, capsys, o
 
 def test_signal_handler_only_sets_a_flag(capsys):
     """The handler may interrupt a log write; it must not write itself (reentrant I/O)."""
-    from train.trainer import GracefulStop
+    from train.callbacks import GracefulStop
 
     stop = GracefulStop()
     with stop:

@@ -278,6 +278,47 @@ def test_vq_checkpoint_migrates_resumes_and_exports_back(tmp_path, ddconfig, ups
     assert code == 2 and "--resume" in err
 
 
+def test_weight_decay_run_resumes_with_the_carried_optimizer_moments(tmp_path, ddconfig, upstream, capsys):
+    """train.weight_decay > 0: migrate lays the moments out for the trainer's own AdamW
+    groups (built by the same function), so fit --resume takes them instead of starting
+    Adam fresh while report.md says they were carried."""
+    ref = make_upstream_vqgan(upstream, ddconfig, seed=2)
+    opts = train_upstream_optimizers(ref)
+    ckpt = lightning_checkpoint(tmp_path / "last.ckpt", ref, opts, global_step=5)
+    config = legacy_config(tmp_path / "wd.json", ddconfig, variant="VQ", use_gan=True, weight_decay=0.05)
+    out = tmp_path / "migrated"
+    code, _, err = run_cli(["migrate", str(config), "--ckpt", str(ckpt), "--out", str(out)], capsys)
+    assert code == 0, err
+    report = json.loads((out / "report.json").read_text())
+    assert report["train_state"]["optimizers"]["generator"]["carried"]
+    assert report["train_state"]["optimizers"]["discriminator"]["carried"]
+
+    # upstream's moments by parameter name (opt_ae: encoder, decoder, quantize, quant_conv,
+    # post_quant_conv; opt_disc: loss.discriminator)
+    up_names = [n for part in ("encoder", "decoder", "quantize", "quant_conv", "post_quant_conv")
+                for n, _ in ref.named_parameters() if n.startswith(part + ".")]
+    up = {name: opts[0].state_dict()["state"][i] for i, name in enumerate(up_names)}
+    up.update({f"discriminator.{n}": opts[1].state_dict()["state"][i]
+               for i, (n, _) in enumerate(ref.loss.discriminator.named_parameters())})
+
+    from train.fit import run as fit_run
+
+    # --max-steps at the migrated step: the run loads, trains nothing and saves.
+    code, trainer = fit_run([str(out / "config.yaml"), "--resume", str(out), "--max-steps", "5",
+                             "--data", "builtin", "--out", str(tmp_path / "run"), "--no-bar"])
+    assert code == 0
+    assert not [n for n in trainer.notes if "optimizer" in n or "starts fresh" in n], trainer.notes
+    model_names = {id(p): n for n, p in trainer.model.named_parameters()}
+    disc_names = {id(p): f"discriminator.{n}" for n, p in trainer.disc.module.named_parameters()}
+    for opt, names in ((trainer.gen.optimizer, model_names), (trainer.disc.optimizer, disc_names)):
+        assert isinstance(opt, torch.optim.AdamW) and len(opt.param_groups) == 2
+        params = [p for g in opt.param_groups for p in g["params"]]
+        assert params and all(p in opt.state for p in params)
+        for p in params:
+            assert torch.equal(opt.state[p]["exp_avg"], up[names[id(p)]]["exp_avg"]), names[id(p)]
+            assert torch.equal(opt.state[p]["exp_avg_sq"], up[names[id(p)]]["exp_avg_sq"]), names[id(p)]
+
+
 def test_emavq_checkpoint_carries_its_statistics(tmp_path, ddconfig, capsys):
     from train.schema import make_config
 

@@ -63,7 +63,7 @@ def test_resume_from_a_checkpoint_file_and_a_changed_learning_rate(tmp_path, cap
                          "--no-bar", "train.learning_rate=3e-4", "data.path=null"])
     assert trainer.cfg.data.path == "builtin"
     assert code == 0 and trainer.step == 2 and trainer.run_dir == str(out)
-    assert trainer.opt_g.param_groups[0]["lr"] == pytest.approx(3e-4)
+    assert trainer.gen.optimizer.param_groups[0]["lr"] == pytest.approx(3e-4)
     assert "resumed from" in capsys.readouterr().out
 
 
@@ -78,11 +78,11 @@ def test_resume_from_a_migrated_folder_continues_at_its_step(tmp_path):
     (migrated / "config.yaml").write_text((src / "config.yaml").read_text())
     model_sd = {k: v.clone().contiguous() for k, v in trainer.model.state_dict().items()}
     save_file(model_sd, migrated / "model.safetensors")
-    disc_sd = {f"discriminator.{k}": v.clone().contiguous() for k, v in trainer.discriminator.state_dict().items()}
+    disc_sd = {f"discriminator.{k}": v.clone().contiguous() for k, v in trainer.disc.module.state_dict().items()}
     save_file(disc_sd, migrated / "discriminator.safetensors")
     torch.save({"global_step": 7, "epoch": 1,
-                "optimizer_states": {"generator": trainer.opt_g.state_dict(),
-                                     "discriminator": trainer.opt_d.state_dict()}},
+                "optimizer_states": {"generator": trainer.gen.optimizer.state_dict(),
+                                     "discriminator": trainer.disc.optimizer.state_dict()}},
                migrated / "train_state.pt")
 
     out = tmp_path / "continued"
@@ -91,7 +91,7 @@ def test_resume_from_a_migrated_folder_continues_at_its_step(tmp_path):
     _assert_same_tensors(load_file(out / "checkpoints" / "last.safetensors"), model_sd)
     state = _state(out / "checkpoints" / "last.ckpt")
     _assert_same_tensors(state["loss"], disc_sd)
-    _assert_same_optimizer(state["optimizers"]["generator"], trainer.opt_g.state_dict())
+    _assert_same_optimizer(state["optimizers"]["generator"], trainer.gen.optimizer.state_dict())
 
     code, resumed = run(["--resume", str(out), "--max-steps", "8", "--no-bar"])
     assert code == 0 and resumed.step == 8

@@ -67,7 +67,7 @@ def reconstruct(model, images: torch.Tensor, batch: int = 8):
 
 
 def summarize(model, images: torch.Tensor) -> Dict[str, float]:
-    from train.trainer import codebook_stats
+    from train.usage import codebook_stats
 
     xrec, codes = reconstruct(model, images)
     n_codes = model.codebook_sizes[0]

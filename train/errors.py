@@ -10,6 +10,12 @@ class UserError(Exception):
     exit_code = 2
 
 
+class TrainingStopped(Exception):
+    """Training cannot go on (e.g. too many non-finite steps).  CLI exit code 1."""
+
+    exit_code = 1
+
+
 # ----------------------------------------------------------------------------------------
 # Findings: what a validation rule reports.  They live in this leaf module because the
 # rules live next to what they check (each model type's rules in its adapter, the loss and

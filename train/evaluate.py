@@ -57,6 +57,7 @@ import torch
 
 from train.cli import CommandParser, positive_int
 from train.errors import UserError
+from train.usage import codebook_stats
 
 # Crops of the built-in photographs when --num-images is not given (the demo's count).
 BUILTIN_CROPS = 16
@@ -83,8 +84,6 @@ def pixel_errors(x: torch.Tensor, y: torch.Tensor) -> Dict[str, torch.Tensor]:
 
 def codebook_report(counts: torch.Tensor, name: str) -> Dict[str, Any]:
     """Codes used, used fraction and perplexity (exp of the entropy) of one code histogram."""
-    from train.trainer import codebook_stats
-
     counts = counts.double()
     stats = codebook_stats(counts)
     return {"name": name, "codes": int(counts.numel()), "used": int((counts > 0).sum()),

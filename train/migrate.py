@@ -59,6 +59,7 @@ import torch
 from torch import nn
 
 from train.errors import UserError
+from train.optimizer import build_optimizer
 
 # The upstream VQModel's top-level modules (state-dict roots), in configure_optimizers order.
 GENERATOR_GROUPS = ("encoder", "decoder", "quantize", "quant_conv", "post_quant_conv")
@@ -401,22 +402,18 @@ def _check_saved_optimizer(saved: Any, names: List[str], shapes: Dict[str, torch
 
 
 def _trainer_optimizers(cfg, model: nn.Module, disc: Optional[nn.Module]):
-    """Fresh optimizers built as ``train/trainer.py`` builds them (Adam, or AdamW when
-    ``weight_decay`` > 0; one parameter group over ``model.generator_parameters()`` and one
-    over the discriminator, none when ``use_gan`` is false), so the carried state dicts
-    index parameters exactly as the trainer's own do."""
+    """Fresh optimizers built by the trainer's own function (``train.optimizer.build_optimizer``):
+    one over ``model.generator_parameters()`` and one over the discriminator, none when
+    ``use_gan`` is false, so the carried state dicts have the trainer's groups and order."""
     gen_params = list(model.generator_parameters()) if hasattr(model, "generator_parameters") \
         else [p for p in model.parameters() if p.requires_grad]
     t = cfg.train
     # The trainer resets lr to the configured one after loading, so any positive value works.
     lr = float(t.learning_rate or t.base_learning_rate or 1e-4)
-    betas = tuple(float(b) for b in t.adam_betas)
-    optim = torch.optim.AdamW if t.weight_decay > 0 else torch.optim.Adam
-    extra = {"weight_decay": float(t.weight_decay)} if t.weight_decay > 0 else {}
-    gen_opt = optim(gen_params, lr=lr, betas=betas, **extra)
+    gen_opt = build_optimizer(model, gen_params, lr, float(t.weight_decay), t.adam_betas)
     disc_opt = None
     if disc is not None and bool(t.use_gan) and str(cfg.model_variant or "").lower() != "nodisc":
-        disc_opt = optim(disc.parameters(), lr=lr, betas=betas, **extra)
+        disc_opt = build_optimizer(disc, disc.parameters(), lr, float(t.weight_decay), t.adam_betas)
     return gen_opt, disc_opt
 
 

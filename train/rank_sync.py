@@ -1,0 +1,83 @@
+"""Keeping torchrun ranks in agreement, and checking at the end of a run that they are.
+
+    torchrun --nproc_per_node=2 -m train fit CONFIG --data /images   # writes ranks_in_sync.json
+
+DDP wraps only the model, so what it does not cover is done here: decisions that change
+control flow (a bad step, a stop request, the time limit) are agreed on by all ranks before
+anyone acts, so no rank waits forever in a collective the others skipped; the
+discriminator's gradients and BatchNorm statistics are averaged by hand.  Every function is
+a no-op in a single process.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from typing import Dict, List, Optional
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+from adapters.distributed import is_distributed
+from train.logger import RunLogger
+
+
+def any_rank(flag: bool, device: torch.device) -> bool:
+    """True when ``flag`` is true on any rank (a collective: every rank must call it)."""
+    if not is_distributed():
+        return flag
+    t = torch.tensor([1.0 if flag else 0.0], device=device)
+    dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    return bool(t.item() > 0)
+
+
+def average_across_ranks_(tensors: List[torch.Tensor]) -> None:
+    """In-place mean over ranks (discriminator gradients / buffers; DDP wraps only the model)."""
+    if not is_distributed() or not tensors:
+        return
+    flat = torch.cat([t.reshape(-1).float() for t in tensors])
+    dist.all_reduce(flat, op=dist.ReduceOp.SUM)
+    flat /= dist.get_world_size()
+    offset = 0
+    for t in tensors:
+        n = t.numel()
+        t.copy_(flat[offset:offset + n].view_as(t).to(t.dtype))
+        offset += n
+
+
+def state_digest(tensors: Dict[str, torch.Tensor]) -> Dict[str, str]:
+    """sha256 of every tensor's bytes (to compare ranks)."""
+    return {k: hashlib.sha256(v.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes()).hexdigest()
+            for k, v in tensors.items()}
+
+
+def check_ranks_in_sync(model: nn.Module, discriminator: Optional[nn.Module], step: int,
+                        run_dir: Optional[str], log: RunLogger) -> None:
+    """Under torchrun: compare every weight and buffer (EMA codebooks included) across ranks.
+
+    Rank 0 writes the verdict to ``ranks_in_sync.json`` and warns when they differ.
+    """
+    if not is_distributed():
+        return
+    tensors = dict(model.state_dict())
+    if discriminator is not None:
+        tensors.update({f"discriminator.{k}": v for k, v in discriminator.state_dict().items()})
+    mine = state_digest(tensors)
+    world = dist.get_world_size()
+    everyone = [None] * world
+    dist.all_gather_object(everyone, mine)
+    differing = sorted(k for k in mine if len({d.get(k) for d in everyone}) > 1)
+    if dist.get_rank() == 0:
+        verdict = {"world_size": world, "step": step, "in_sync": not differing,
+                   "tensors": len(mine), "differing": differing}
+        if run_dir:
+            with open(os.path.join(run_dir, "ranks_in_sync.json"), "w", encoding="utf-8") as fh:
+                json.dump(verdict, fh, indent=1)
+        if differing:
+            log.message(f"warning: {len(differing)} tensors differ between ranks (e.g. {differing[0]})")
+        else:
+            log.message(f"all {world} ranks hold identical weights and codebooks ({len(mine)} tensors)")
+
+
+__all__ = ["any_rank", "average_across_ranks_", "state_digest", "check_ranks_in_sync"]
