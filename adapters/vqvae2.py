@@ -47,6 +47,7 @@ from torch import nn
 from adapters.distributed import all_reduce_sum_
 from adapters.ema_quantizer import ema_step_, pick_code_vectors
 from train.errors import UserError
+from train.safe_load import UnreadableFile, load_weights_file
 
 log = logging.getLogger(__name__)
 
@@ -399,10 +400,10 @@ def load_rosinality_checkpoint(model: VQVAE2, source: Union[str, os.PathLike, Ma
         if not os.path.isfile(path):
             raise UserError(f"vqvae2 checkpoint {path!r} does not exist; pass a rosinality vqvae_*.pt file")
         try:
-            raw = torch.load(path, map_location="cpu", weights_only=True)
-        except Exception as exc:  # pickle errors, truncated files, foreign formats
+            raw = load_weights_file(path)
+        except UnreadableFile as exc:  # pickle errors, truncated files, foreign formats
             raise UserError(f"vqvae2 checkpoint {path!r} is not a readable torch state dict "
-                            f"({type(exc).__name__}: {exc}); pass a rosinality vqvae_*.pt file") from None
+                            f"({exc.reason}); pass a rosinality vqvae_*.pt file") from None
         if not isinstance(raw, Mapping):
             raise UserError(f"vqvae2 checkpoint {path!r} holds a {type(raw).__name__}, not a state dict")
     state = checkpoint_filter_fn(raw)

@@ -34,6 +34,7 @@ import yaml
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
+from train import atomic
 from train.errors import UserError
 from train.schema import (DataSection, ExperimentConfig, LossSection, SourceInfo, TeacherSection,
                           TrainSection)
@@ -550,10 +551,7 @@ def save_config(cfg, path: str) -> None:
     """Write a resolved config as YAML (native shape), atomically."""
     text = OmegaConf.to_yaml(cfg, resolve=True) if isinstance(cfg, DictConfig) else \
         yaml.safe_dump(cfg, sort_keys=False)
-    tmp = f"{path}.tmp"
-    with open(tmp, "w", encoding="utf-8") as fh:
-        fh.write(text)
-    os.replace(tmp, path)
+    atomic.write_text(path, text)
 
 
 def uses_taming_lr_scaling(cfg) -> bool:

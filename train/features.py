@@ -33,6 +33,7 @@ from typing import Dict, List, Optional, Sequence
 
 import torch
 
+from train import atomic
 from train.errors import UserError
 
 FORMAT = "dinovq-feature-cache/1"
@@ -170,13 +171,9 @@ def extract(cfg, data_arg: Optional[str], out: str, batch_size: int, device: str
 
 
 def _save_atomic(tensors, meta, out: str) -> None:
-    from safetensors.torch import save_file
-
-    folder = os.path.dirname(os.path.abspath(out))
-    os.makedirs(folder, exist_ok=True)
-    tmp = f"{out}.tmp{os.getpid()}"
-    save_file(tensors, tmp, metadata=meta)
-    os.replace(tmp, out)  # a killed run never leaves a half-written cache under the real name
+    os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
+    # A killed run never leaves a half-written cache under the real name.
+    atomic.save_safetensors(tensors, out, metadata=meta)
 
 
 def cli_main(argv: Sequence[str]) -> int:

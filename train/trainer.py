@@ -48,10 +48,11 @@ import torch.distributed as dist
 from omegaconf import OmegaConf
 
 from adapters.distributed import is_distributed, rank as dist_rank, world_size as dist_world
-from train import checkpoint as ckpt
+from train import atomic, checkpoint as ckpt
 from train.data import DataSpec, make_loader, steps_for_epochs
 from train.errors import UserError
 from train.logger import RunLogger
+from train.sources import Source
 
 PRECISIONS = ("fp32", "bf16", "fp16")
 # train.init_codebook_from_data: training crops encoded for the start (more when the codes
@@ -216,7 +217,7 @@ class Trainer:
     ``run_dir`` None means "write nothing" (used by tests and the demo's measurements).
     """
 
-    def __init__(self, cfg, data: DataSpec, run_dir: Optional[str], resume: Optional[ckpt.ResumeSource] = None,
+    def __init__(self, cfg, data: DataSpec, run_dir: Optional[str], resume: Optional[Source] = None,
                  device: Optional[torch.device] = None,
                  batch_augmenter: Optional[Callable[[Dict, int], Dict]] = None,
                  use_bar: Optional[bool] = None, time_limit_s: Optional[float] = None):
@@ -287,7 +288,7 @@ class Trainer:
         if t.init_codebook_from_data and resume is None:
             self.codebook_init = self._init_codebook_from_data()
         # Dropout / Gumbel noise differ per rank from here on; restored RNG states win on resume.
-        if resume is None or resume.kind != "checkpoint":
+        if resume is None or not resume.train_state:
             seed_everything(t.seed + 1000 * self.rank + self.step)
 
         self.images_per_step = t.batch_size * t.accumulate_grad_batches * self.world
@@ -602,30 +603,30 @@ class Trainer:
         state = self.training_state()
         state["rng_per_rank"] = rng_per_rank
         os.makedirs(self._ckpt_path(""), exist_ok=True)
-        ckpt.atomic_torch_save(state, self._ckpt_path(ckpt.LAST))
-        ckpt.atomic_save_safetensors(weights, self._ckpt_path(ckpt.LAST_WEIGHTS),
-                                     metadata={"global_step": str(self.step), "model_type": str(self.cfg.model_type)})
+        atomic.save_torch(state, self._ckpt_path(ckpt.LAST))
+        atomic.save_safetensors(weights, self._ckpt_path(ckpt.LAST_WEIGHTS),
+                                metadata={"global_step": str(self.step), "model_type": str(self.cfg.model_type)})
         if keep:
             ckpt.keep_copy(self._ckpt_path(ckpt.LAST), self._ckpt_path(f"step-{self.step}.ckpt"))
 
-    def load(self, source: ckpt.ResumeSource) -> None:
+    def load(self, source: Source) -> None:
         """Continue from a trainer checkpoint (exactly) or a migrated folder (weights, step,
         optimizer states when they fit)."""
         from adapters.weights import load_model_weights
 
-        exact = source.kind == "checkpoint"
-        state = ckpt.load_state(source.path) if exact else ckpt.load_migrated(source.path)
-        load_model_weights(self.model, state["model"], source=source.path)
+        exact = source.train_state
+        state = ckpt.load_state(source.state_path) if exact else ckpt.load_migrated(source.state_path)
+        load_model_weights(self.model, state["model"], source=source.state_path)
         disc_state = {k[len("discriminator."):]: v for k, v in (state.get("loss") or {}).items()
                       if k.startswith("discriminator.")}
         if self.discriminator is not None:
             if disc_state:
-                load_model_weights(self.discriminator, disc_state, source=f"{source.path} (discriminator)")
+                load_model_weights(self.discriminator, disc_state, source=f"{source.state_path} (discriminator)")
             else:
                 self.notes.append("the checkpoint has no discriminator weights: the discriminator starts fresh")
         elif disc_state and self.calc.discriminator is not None:
             # use_gan false now: keep the weights (they are saved again) but never train them.
-            load_model_weights(self.calc.discriminator, disc_state, source=f"{source.path} (discriminator)")
+            load_model_weights(self.calc.discriminator, disc_state, source=f"{source.state_path} (discriminator)")
 
         opts = state.get("optimizers") or {}
         self._load_optimizer(self.opt_g, opts.get("generator"), "generator", strict=exact)
@@ -656,7 +657,7 @@ class Trainer:
                       or data.get("seed") not in (None, int(self.cfg.train.seed))):
             self.notes.append("batch size, process count or seed differ from the checkpoint's: training "
                               "continues, but not on exactly the batches an uninterrupted run would see")
-        self.resumed_from = source.path
+        self.resumed_from = source.state_path
 
     def _load_optimizer(self, opt, state, name: str, strict: bool) -> None:
         if state is None:
@@ -736,8 +737,7 @@ class Trainer:
             verdict = {"world_size": self.world, "step": self.step, "in_sync": not differing,
                        "tensors": len(mine), "differing": differing}
             if self.run_dir:
-                with open(os.path.join(self.run_dir, "ranks_in_sync.json"), "w", encoding="utf-8") as fh:
-                    json.dump(verdict, fh, indent=1)
+                atomic.write_text(os.path.join(self.run_dir, "ranks_in_sync.json"), json.dumps(verdict, indent=1))
             if differing:
                 log.message(f"warning: {len(differing)} tensors differ between ranks (e.g. {differing[0]})")
             else:

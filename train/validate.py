@@ -28,6 +28,7 @@ import yaml
 from adapters import registry
 from train.config import (Normalized, SECTION_CLASSES, accepted_model_args, apply_overrides, canonicalize,
                           normalize, to_structured, type_errors, unknown_keys)
+from train import atomic
 from train.errors import UserError
 
 DELETE = object()  # a fix operation that removes the key
@@ -639,14 +640,8 @@ def fix_document(norm: Normalized, findings: List[Finding]) -> Dict[str, Any]:
 
 
 def write_document(doc: Dict[str, Any], path: str, syntax: str) -> None:
-    tmp = f"{path}.tmp"
-    with open(tmp, "w", encoding="utf-8") as fh:
-        if syntax == "json":
-            json.dump(doc, fh, indent=2)
-            fh.write("\n")
-        else:
-            yaml.safe_dump(doc, fh, sort_keys=False)
-    os.replace(tmp, path)
+    text = json.dumps(doc, indent=2) + "\n" if syntax == "json" else yaml.safe_dump(doc, sort_keys=False)
+    atomic.write_text(path, text)
 
 
 def fix_file(path: str, out_path: str) -> Tuple[List[Finding], List[Finding]]:
