@@ -53,6 +53,7 @@ import os
 import pickle
 import pickletools
 import zipfile
+import zlib
 from dataclasses import dataclass, field
 from typing import Any, Dict, Iterable, Iterator, List, Optional, Sequence, Set, Tuple
 
@@ -389,15 +390,25 @@ def _check_call(func: Any, args: tuple) -> None:
                       "(a memory bomb, not a checkpoint)", runs_code=False)
 
 
+# The object pickle of a zip checkpoint (data.pkl) holds structure and small values only.
+MAX_PICKLE_BYTES = 1 << 30
+
+
 def _pickle_streams(path: str) -> Iterator[io.BufferedIOBase]:
     """The pickles torch would unpickle from ``path``: ``data.pkl`` of a zip checkpoint, or
     the leading pickles of a legacy file (magic number, protocol, system info, the object,
     the storage keys), read one after another from one stream."""
     if zipfile.is_zipfile(path):
         with zipfile.ZipFile(path) as archive:
-            names = [n for n in archive.namelist() if n == "data.pkl" or n.endswith("/data.pkl")]
-            if names:
-                yield io.BytesIO(archive.read(names[0]))
+            records = [i for i in archive.infolist() if i.filename == "data.pkl" or i.filename.endswith("/data.pkl")]
+            if records:
+                # torch reads the whole record into memory: a (re-)compressed one could inflate
+                # to any size, so its declared size is bounded (tensors live in other records).
+                if records[0].file_size > MAX_PICKLE_BYTES:
+                    raise Refused(f"its object pickle declares {records[0].file_size} bytes, more than "
+                                  f"{MAX_PICKLE_BYTES} (tensors are stored outside it)", runs_code=False)
+                with archive.open(records[0]) as stream:
+                    yield stream
         return
     with open(path, "rb") as fh:
         for _ in range(5):
@@ -413,7 +424,7 @@ def _scan_file(path: str) -> List[Tuple[str, str]]:
     try:
         for stream in _pickle_streams(path):
             found.extend(scan_pickle(stream))
-    except (ValueError, EOFError, zipfile.BadZipFile, UnicodeDecodeError):
+    except (ValueError, EOFError, OSError, zipfile.BadZipFile, zlib.error):
         pass
     return found
 
@@ -443,7 +454,10 @@ def torch_error_reason(exc: BaseException) -> str:
     torch's message opens with "Weights only load failed ... Re-running `torch.load` with
     `weights_only` set to `False` will likely succeed": for a corrupt or foreign file that is
     both wrong and unsafe advice, so the unpickler's own reason is reported instead."""
-    text = str(exc).replace("WeightsUnpickler error:", "\n")
+    text = str(exc)
+    marker = "WeightsUnpickler error:"
+    if marker in text:  # the unpickler's own words follow torch's advice
+        text = text.split(marker, 1)[1]
     lines = [line.strip() for line in text.splitlines() if line.strip()]
     reasons = [line for line in lines if not line.startswith(("Weights only load failed", "Please file an issue",
                                                                "Check the documentation of torch.load"))]
@@ -484,7 +498,9 @@ def load_weights_file(path: str, allow: Sequence[Any] = ()) -> Any:
                              f"the pickle names {exc.reason}, which runs code; nothing from it was executed",
                              objects=True) from None
     except pickle.UnpicklingError as exc:
-        raise UnreadableFile(path, torch_error_reason(exc), objects=True) from None
+        # A refused global or construct is an object; "Unsupported operand" is just not a pickle.
+        reason = torch_error_reason(exc)
+        raise UnreadableFile(path, reason, objects=not reason.startswith("Unsupported operand")) from None
     except Exception as exc:  # noqa: BLE001 - truncated files raise RuntimeError, EOFError, ...
         raise UnreadableFile(path, torch_error_reason(exc), objects=False) from None
 

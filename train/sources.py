@@ -81,8 +81,9 @@ def is_trainer_checkpoint(path: str) -> bool:
     writes zip checkpoints only; anything else is taken for an upstream file."""
     try:
         with zipfile.ZipFile(path) as archive:
-            names = [n for n in archive.namelist() if n == "data.pkl" or n.endswith("/data.pkl")]
-            return bool(names) and FORMAT.encode() in archive.read(names[0])
+            records = [i for i in archive.infolist() if i.filename == "data.pkl" or i.filename.endswith("/data.pkl")]
+            # The trainer's pickle is small (tensors are separate records); a huge one is not ours.
+            return bool(records) and records[0].file_size < (64 << 20) and FORMAT.encode() in archive.read(records[0])
     except (OSError, zipfile.BadZipFile):
         return False
 
