@@ -40,6 +40,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from train.errors import UserError
+from train.safe_load import UnreadableFile, load_safetensors, load_weights_file
 
 log = logging.getLogger(__name__)
 
@@ -54,24 +55,21 @@ _WRAPPER_PREFIXES = ("module.", "backbone.")
 def read_state_dict(path: str) -> Dict[str, torch.Tensor]:
     """Tensors of a local checkpoint file, unwrapped to the ViT backbone's own keys.
 
-    Never runs code from the file: ``torch.load(weights_only=True)`` (``argparse.Namespace``,
-    which DINO stores as ``args``, is the only class allowed) or safetensors.
+    Never runs code from the file: :func:`train.safe_load.load_weights_file`
+    (``argparse.Namespace``, which DINO stores as ``args``, is the only class allowed) or
+    safetensors.
     """
     if not os.path.isfile(path):
         raise UserError(f"teacher checkpoint {path!r} does not exist; set teacher.ckpt_path to a "
                         "local DINO / DINOv2 weights file (e.g. dino_vitbase16_pretrain.pth)")
     try:
         if path.endswith(".safetensors"):
-            from safetensors.torch import load_file
-
-            obj = load_file(path)
+            obj = load_safetensors(path)
         else:
-            with torch.serialization.safe_globals([argparse.Namespace]):
-                obj = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as exc:  # unpickling / format errors all mean "not a usable file"
-        raise UserError(f"teacher checkpoint {path!r} cannot be read safely ({type(exc).__name__}: "
-                        f"{str(exc).splitlines()[0] if str(exc) else ''}); save the ViT's state dict "
-                        "alone with torch.save(state_dict, path) or as .safetensors") from None
+            obj = load_weights_file(path, allow=[argparse.Namespace])
+    except UnreadableFile as exc:  # unpickling / format errors all mean "not a usable file"
+        raise UserError(f"teacher checkpoint {path!r} cannot be read safely ({exc.reason}); save the ViT's "
+                        "state dict alone with torch.save(state_dict, path) or as .safetensors") from None
     for key in ("teacher", "model", "state_dict"):
         if isinstance(obj, dict) and isinstance(obj.get(key), dict):
             obj = obj[key]

@@ -50,6 +50,7 @@ from adapters.registry import (LossFamilySpec, check_model_args, get_model_type,
                                variant_findings)
 from train.errors import ERROR, Finding, UserError, is_int, is_number, raise_for_errors, type_finding
 from train.schema import config_data
+from train.safe_load import UnreadableFile, load_weights_file
 
 log = logging.getLogger(__name__)
 
@@ -424,10 +425,10 @@ def load_rosinality_checkpoint(model: VQVAE2, source: Union[str, os.PathLike, Ma
         if not os.path.isfile(path):
             raise UserError(f"vqvae2 checkpoint {path!r} does not exist; pass a rosinality vqvae_*.pt file")
         try:
-            raw = torch.load(path, map_location="cpu", weights_only=True)
-        except Exception as exc:  # pickle errors, truncated files, foreign formats
+            raw = load_weights_file(path)
+        except UnreadableFile as exc:  # pickle errors, truncated files, foreign formats
             raise UserError(f"vqvae2 checkpoint {path!r} is not a readable torch state dict "
-                            f"({type(exc).__name__}: {exc}); pass a rosinality vqvae_*.pt file") from None
+                            f"({exc.reason}); pass a rosinality vqvae_*.pt file") from None
         if not isinstance(raw, Mapping):
             raise UserError(f"vqvae2 checkpoint {path!r} holds a {type(raw).__name__}, not a state dict")
     state = checkpoint_filter_fn(raw)

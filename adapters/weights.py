@@ -24,6 +24,7 @@ import torch
 from torch import nn
 
 from train.errors import UserError
+from train.safe_load import extract_state_dict, load_checkpoint
 
 # Prefixes that wrappers put in front of every key.
 WRAPPER_PREFIXES = ("module.", "_orig_mod.")
@@ -174,24 +175,10 @@ def load_model_weights(model: nn.Module, state_dict: Mapping[str, torch.Tensor],
 def load_checkpoint_state_dict(path: str) -> Dict[str, torch.Tensor]:
     """Read the state dict stored in ``path`` without running code from the file.
 
-    Uses the project's safe unpickler (``train/safe_load.py``: weights-only first, then a
-    restricted unpickler for Lightning checkpoints; ``.safetensors`` too); where that module
-    is absent, ``torch.load(weights_only=True)``.
+    :func:`train.safe_load.load_checkpoint`: torch's weights-only loader, with the classes of
+    Lightning checkpoints as inert placeholders; ``.safetensors`` too.
     """
     if not os.path.isfile(path):
         raise UserError(f"checkpoint file not found: {path}; check ckpt_path")
-    try:
-        from train import safe_load  # the project's no-code-execution unpickler
-    except ImportError:
-        safe_load = None
-    if safe_load is not None and hasattr(safe_load, "load_checkpoint"):
-        state_dict, _notes = safe_load.extract_state_dict(safe_load.load_checkpoint(path).data)
-        return dict(state_dict)
-    try:
-        obj = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as exc:
-        raise UserError(f"{path}: cannot be read as a weights-only torch checkpoint "
-                        f"({type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}); "
-                        "convert it with `python -m train migrate` or save model.state_dict() "
-                        "on its own") from None
-    return unwrap_state_dict(obj)
+    state_dict, _notes = extract_state_dict(load_checkpoint(path).data)
+    return dict(state_dict)

@@ -37,6 +37,7 @@ import torch
 from torch import nn
 
 from train.errors import UserError
+from train.safe_load import UnreadableFile, load_weights_file
 
 log = logging.getLogger(__name__)
 
@@ -121,28 +122,19 @@ def _random_init_(features: nn.Sequential) -> None:
             nn.init.zeros_(module.bias)
 
 
-def _load_tensors(path: str):
-    """``torch.load(weights_only=True)``, memory-mapped when the file format allows it: a full
-    vgg16 file is 528 MB, of which LPIPS reads the 59 MB trunk."""
-    try:
-        return torch.load(path, map_location="cpu", weights_only=True, mmap=True)
-    except RuntimeError as exc:
-        if "mmap" not in str(exc):  # only the legacy (non-zip) format cannot be mapped
-            raise
-    return torch.load(path, map_location="cpu", weights_only=True)
-
-
 def load_vgg16_features(path: str) -> Dict[str, torch.Tensor]:
     """Read a torchvision vgg16 state-dict file; return the ``features`` part, keys without the
     ``features.`` prefix.  Anything that is not such a file is a :class:`UserError`."""
     fix = "vgg_ckpt_path must be a torchvision vgg16 state dict (torch.save(vgg16().state_dict(), path))"
     try:
-        state = _load_tensors(path)
-    except Exception as exc:  # corrupt file, not a torch file, or a pickle with objects in it
-        if "weights only load failed" in str(exc).lower():
+        # Memory-mapped where the format allows it: a full vgg16 file is 528 MB, of which
+        # LPIPS reads the 59 MB trunk.
+        state = load_weights_file(path)
+    except UnreadableFile as exc:  # corrupt file, not a torch file, or a pickle with objects in it
+        if exc.objects:
             reason = "it holds Python objects besides tensors, which are never unpickled (that could run code)"
         else:
-            reason = f"not a readable torch file: corrupt, truncated or another format ({type(exc).__name__})"
+            reason = f"not a readable torch file: corrupt, truncated or another format ({exc.reason})"
         raise UserError(f"cannot read VGG16 checkpoint {path}: {reason}; {fix}") from None
     if not isinstance(state, Mapping) or not all(isinstance(k, str) for k in state):
         raise UserError(f"VGG16 checkpoint {path} holds a {type(state).__name__}, not a state dict; {fix}")
@@ -177,7 +169,7 @@ def load_vgg16_features(path: str) -> Dict[str, torch.Tensor]:
 def _load_linear_weights(lpips_module: nn.Module, path: str) -> None:
     """Load (again, explicitly and with ``weights_only``) the lin0..lin4 weights and insist they
     all land: taming's own loader uses ``strict=False`` and would not notice a missing key."""
-    state = torch.load(path, map_location="cpu", weights_only=True)
+    state = load_weights_file(path)
     own = lpips_module.state_dict()
     lin_keys = [k for k in own if k.startswith("lin")]
     if sorted(lin_keys) != sorted(state):

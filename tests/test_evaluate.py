@@ -20,7 +20,7 @@ from PIL import Image
 from safetensors.torch import load_file
 
 from adapters import build_model
-from train.checkpoint import atomic_save_safetensors
+from train.atomic import save_safetensors as atomic_save_safetensors
 from train.cli import main
 from adapters.contract import Tokenizer
 from train.config import load_config, save_config

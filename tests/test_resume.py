@@ -6,7 +6,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from tests.test_fit import tiny_config
-from train import checkpoint as ckpt
+from train import atomic, checkpoint as ckpt
 from train.cli import main as cli
 from train.fit import run
 
@@ -136,7 +136,7 @@ def test_unusable_resume_targets_exit_2(tmp_path, capsys):
 
 def test_checkpoint_writes_are_atomic(tmp_path, monkeypatch):
     path = tmp_path / "last.ckpt"
-    ckpt.atomic_torch_save({"x": torch.ones(3)}, str(path))
+    atomic.save_torch({"x": torch.ones(3)}, str(path))
 
     def crash(obj, f, *args, **kwargs):
         with open(f, "wb") as fh:
@@ -145,7 +145,7 @@ def test_checkpoint_writes_are_atomic(tmp_path, monkeypatch):
 
     monkeypatch.setattr(torch, "save", crash)
     with pytest.raises(KeyboardInterrupt):
-        ckpt.atomic_torch_save({"x": torch.zeros(3)}, str(path))
+        atomic.save_torch({"x": torch.zeros(3)}, str(path))
     monkeypatch.undo()
     assert torch.equal(torch.load(path, weights_only=True)["x"], torch.ones(3))
     assert os.listdir(tmp_path) == ["last.ckpt"]          # no temporary file left behind
@@ -158,7 +158,7 @@ def test_rng_state_round_trips_through_a_weights_only_file(tmp_path):
 
     state = ckpt.capture_rng()
     expected = (random.random(), float(np.random.rand()), float(torch.rand(1)))
-    ckpt.atomic_torch_save(state, str(tmp_path / "rng.pt"))
+    atomic.save_torch(state, str(tmp_path / "rng.pt"))
     ckpt.restore_rng(torch.load(tmp_path / "rng.pt", weights_only=True))
     assert (random.random(), float(np.random.rand()), float(torch.rand(1))) == expected
 

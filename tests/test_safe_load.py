@@ -300,3 +300,39 @@ def test_numpy_dtypes_beyond_numbers_and_objects_are_refused(tmp_path, payload):
     torch.save(payload, path)
     with pytest.raises(UserError, match="cannot be read.*numpy dtype"):
         load_checkpoint(path)
+
+
+class _TensorOfSize:
+    """A pickle that calls torch.Tensor(<size>): torch's own allowlist hands out the real class."""
+
+    def __reduce__(self):
+        return torch.Tensor, (2 ** 20, 2 ** 20)
+
+
+@pytest.mark.parametrize("legacy_format", [False, True])
+def test_size_taking_constructor_calls_are_refused_before_torch_reads_the_file(tmp_path, legacy_format):
+    from train.safe_load import UnreadableFile, load_weights_file
+
+    path = tmp_path / "bomb.pt"
+    torch.save({"w": _TensorOfSize()}, path, _use_new_zipfile_serialization=not legacy_format)
+    with pytest.raises(UserError, match=r"cannot be read.*torch\.Tensor\(1048576, 1048576\)"):
+        load_checkpoint(path)
+    with pytest.raises(UnreadableFile, match="memory bomb") as info:
+        load_weights_file(path)
+    assert info.value.objects
+
+
+def test_load_weights_file_reports_torchs_reason_and_maps_zip_files(tmp_path):
+    from train.safe_load import UnreadableFile, load_weights_file
+
+    torch.save({"w": torch.arange(4.0)}, tmp_path / "ok.pt")
+    assert torch.equal(load_weights_file(tmp_path / "ok.pt")["w"], torch.arange(4.0))
+    torch.save({"w": torch.ones(1), "ns": argparse.Namespace(a=1)}, tmp_path / "ns.pt")
+    with pytest.raises(UnreadableFile, match="argparse.Namespace") as info:
+        load_weights_file(tmp_path / "ns.pt")
+    assert info.value.objects and "weights_only` set to `False`" not in str(info.value)
+    assert load_weights_file(tmp_path / "ns.pt", allow=[argparse.Namespace])["ns"].a == 1
+    (tmp_path / "junk.pt").write_bytes(b"\x00junk")
+    with pytest.raises(UnreadableFile) as info:
+        load_weights_file(tmp_path / "junk.pt")
+    assert not info.value.objects

@@ -6,8 +6,8 @@ A run folder holds::
     checkpoints/last.safetensors    model weights only (for eval / export)
     checkpoints/step-N.ckpt         kept copies (hard links to the last.ckpt of step N)
 
-``last.ckpt`` is a ``torch.save`` dict of plain data and tensors (so ``torch.load(...,
-weights_only=True)`` reads it)::
+``last.ckpt`` is a ``torch.save`` dict of plain data and tensors (so torch's weights-only
+loader, :func:`train.safe_load.load_weights_file`, reads it)::
 
     {"format": "vqtok-train-state", "version": 1, "global_step", "epoch",
      "model": model state dict, "loss": {"discriminator.*": ...} (the LossCalculator's
@@ -16,8 +16,8 @@ weights_only=True)`` reads it)::
      "data": {"next_step", "images_per_step", "seed"}, "counters": {...},
      "world_size", "config": resolved YAML text}
 
-Every file is written to a temporary name in the same folder, flushed to disk and moved
-over the old one with ``os.replace`` (atomic on POSIX), so a kill at any moment leaves the
+Every file is written through :mod:`train.atomic` (a temporary name in the same folder,
+fsync'd, then ``os.replace``-d over the old one), so a kill at any moment leaves the
 previous ``last`` intact.
 
 ``--resume`` also accepts a folder written by ``python -m train migrate``: ``config.yaml``,
@@ -28,8 +28,7 @@ from __future__ import annotations
 
 import os
 import random
-from dataclasses import dataclass
-from typing import Any, Dict, List, Optional
+from typing import Any, Dict, List
 
 import numpy as np
 import torch
@@ -38,7 +37,9 @@ from omegaconf import OmegaConf
 
 from adapters.distributed import is_distributed
 from adapters.weights import load_model_weights
+from train import atomic
 from train.errors import TrainingStopped, UserError
+from train.safe_load import UnreadableFile, load_weights_file
 
 FORMAT = "vqtok-train-state"
 VERSION = 1
@@ -47,38 +48,7 @@ LAST_WEIGHTS = "last.safetensors"
 
 
 # ----------------------------------------------------------------------------------------
-# Atomic writes
-
-def _fsync_replace(tmp: str, path: str) -> None:
-    with open(tmp, "rb") as fh:
-        os.fsync(fh.fileno())
-    os.replace(tmp, path)
-
-
-def atomic_torch_save(obj: Any, path: str) -> None:
-    tmp = f"{path}.tmp.{os.getpid()}"
-    try:
-        torch.save(obj, tmp)
-        _fsync_replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-
-
-def atomic_save_safetensors(state_dict: Dict[str, torch.Tensor], path: str,
-                            metadata: Optional[Dict[str, str]] = None) -> None:
-    from safetensors.torch import save_file
-
-    # safetensors refuses tensors that share memory; plain contiguous copies are always fine.
-    tensors = {k: v.detach().to("cpu").contiguous().clone() for k, v in state_dict.items()}
-    tmp = f"{path}.tmp.{os.getpid()}"
-    try:
-        save_file(tensors, tmp, metadata=metadata)
-        _fsync_replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-
+# Kept copies
 
 def keep_copy(src: str, dst: str) -> None:
     """``dst`` becomes a kept copy of ``src`` (a hard link: free, and later replacements of
@@ -123,7 +93,7 @@ def restore_rng(state: Dict[str, Any]) -> None:
 
 
 def _as_tuple(value):
-    # torch.load may hand tuples back as lists; random.setstate needs tuples throughout.
+    # The weights-only loader may hand tuples back as lists; random.setstate needs tuples throughout.
     if isinstance(value, (list, tuple)):
         return tuple(_as_tuple(v) for v in value)
     return value
@@ -194,8 +164,8 @@ def save(run, keep: bool = False) -> None:
     state = training_state(run)
     state["rng_per_rank"] = rng_per_rank
     os.makedirs(folder, exist_ok=True)
-    atomic_torch_save(state, os.path.join(folder, LAST))
-    atomic_save_safetensors(weights, os.path.join(folder, LAST_WEIGHTS),
+    atomic.save_torch(state, os.path.join(folder, LAST))
+    atomic.save_safetensors(weights, os.path.join(folder, LAST_WEIGHTS),
                             metadata={"global_step": str(run.step), "model_type": str(run.cfg.model_type)})
     if keep:
         keep_copy(os.path.join(folder, LAST), os.path.join(folder, f"step-{run.step}.ckpt"))
@@ -204,19 +174,19 @@ def save(run, keep: bool = False) -> None:
 def restore(run, source) -> None:
     """Continue ``run`` from a trainer checkpoint (exactly) or a migrated folder (weights,
     step, optimizer states when they fit); ``source`` is what ``--resume`` named."""
-    exact = source.kind == "checkpoint"
-    state = load_state(source.path) if exact else load_migrated(source.path)
-    load_model_weights(run.model, state["model"], source=source.path)
+    exact = source.train_state
+    state = load_state(source.state_path) if exact else load_migrated(source.state_path)
+    load_model_weights(run.model, state["model"], source=source.state_path)
     disc_state = {k[len("discriminator."):]: v for k, v in (state.get("loss") or {}).items()
                   if k.startswith("discriminator.")}
     if run.disc is not None:
         if disc_state:
-            load_model_weights(run.disc.module, disc_state, source=f"{source.path} (discriminator)")
+            load_model_weights(run.disc.module, disc_state, source=f"{source.state_path} (discriminator)")
         else:
             run.notes.append("the checkpoint has no discriminator weights: the discriminator starts fresh")
     elif disc_state and run.calc.discriminator is not None:
         # use_gan false now: the loss still holds its (untrained) discriminator; give it the weights.
-        load_model_weights(run.calc.discriminator, disc_state, source=f"{source.path} (discriminator)")
+        load_model_weights(run.calc.discriminator, disc_state, source=f"{source.state_path} (discriminator)")
 
     opts = state.get("optimizers") or {}
     for side in (run.gen, run.disc):
@@ -247,7 +217,7 @@ def restore(run, source) -> None:
                   or data.get("seed") not in (None, int(run.cfg.train.seed))):
         run.notes.append("batch size, process count or seed differ from the checkpoint's: training "
                          "continues, but not on exactly the batches an uninterrupted run would see")
-    run.resumed_from = source.path
+    run.resumed_from = source.state_path
 
 
 def _load_optimizer(side, state, strict: bool, lr: float, notes: List[str]) -> None:
@@ -277,26 +247,12 @@ def _load_optimizer(side, state, strict: bool, lr: float, notes: List[str]) -> N
 # ----------------------------------------------------------------------------------------
 # Reading
 
-def _load_error_reason(exc: BaseException) -> str:
-    """The line of a ``torch.load(weights_only=True)`` error that says what is wrong.
-
-    torch's message opens with "Weights only load failed ... Re-running `torch.load` with
-    `weights_only` set to `False` will likely succeed": for a corrupt or foreign file that is
-    both wrong and unsafe advice, so the unpickler's own reason is reported instead."""
-    text = str(exc).replace("WeightsUnpickler error:", "\n")
-    lines = [line.strip() for line in text.splitlines() if line.strip()]
-    reasons = [line for line in lines if not line.startswith(("Weights only load failed", "Please file an issue",
-                                                               "Check the documentation of torch.load"))]
-    return (reasons or lines or [type(exc).__name__])[0]
-
-
 def load_state(path: str) -> Dict[str, Any]:
     """Read a ``last.ckpt`` / ``step-N.ckpt`` written by the trainer."""
     try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as exc:  # noqa: BLE001 - truncated file, wrong format, pickled code
-        first = _load_error_reason(exc)
-        raise UserError(f"{path}: not a readable training checkpoint ({first}); resume from another "
+        state = load_weights_file(path)
+    except UnreadableFile as exc:  # truncated file, wrong format, pickled code
+        raise UserError(f"{path}: not a readable training checkpoint ({exc.reason}); resume from another "
                         "checkpoint (e.g. checkpoints/step-N.ckpt) or convert old files with "
                         "`python -m train migrate`") from None
     if not isinstance(state, dict) or state.get("format") != FORMAT:
@@ -331,47 +287,13 @@ def load_migrated(folder: str) -> Dict[str, Any]:
             raise UserError(f"{disc}: not a readable safetensors file ({exc})") from None
     train_state = os.path.join(folder, "train_state.pt")
     if os.path.isfile(train_state):
-        try:
-            extra = torch.load(train_state, map_location="cpu", weights_only=True)
-        except Exception as exc:  # noqa: BLE001
-            raise UserError(f"{train_state}: cannot be read as a weights-only torch file "
-                            f"({_load_error_reason(exc)})") from None
+        extra = load_weights_file(train_state)
         if not isinstance(extra, dict):
             raise UserError(f"{train_state}: expected a dict with global_step, epoch, optimizer_states")
         state["global_step"] = int(extra.get("global_step") or 0)
         state["epoch"] = int(extra.get("epoch") or 0)
         state["optimizers"] = dict(extra.get("optimizer_states") or {})
     return state
-
-
-@dataclass
-class ResumeSource:
-    """What ``--resume`` named: a trainer checkpoint or a migrated folder."""
-
-    kind: str                      # "checkpoint" | "migrated"
-    path: str                      # the checkpoint file, or the migrated folder
-    run_dir: Optional[str]         # the run folder to keep writing to (None: a new one)
-    config_path: Optional[str]     # config.yaml next to it, if any
-
-
-def find_resume_source(path: str) -> ResumeSource:
-    """Interpret ``--resume RUN_DIR|CKPT|MIGRATED_DIR``."""
-    if os.path.isdir(path):
-        ckpt = os.path.join(path, "checkpoints", LAST)
-        config = os.path.join(path, "config.yaml")
-        if os.path.isfile(ckpt):
-            return ResumeSource("checkpoint", ckpt, path, config if os.path.isfile(config) else None)
-        if os.path.isfile(os.path.join(path, "model.safetensors")):
-            return ResumeSource("migrated", path, None, config if os.path.isfile(config) else None)
-        raise UserError(f"--resume {path}: the folder holds neither checkpoints/{LAST} (a run folder) "
-                        "nor model.safetensors (a migrated folder); name a run folder or a .ckpt file")
-    if os.path.isfile(path):
-        folder = os.path.dirname(os.path.abspath(path))
-        run_dir = os.path.dirname(folder) if os.path.basename(folder) == "checkpoints" else None
-        config = os.path.join(run_dir, "config.yaml") if run_dir else None
-        return ResumeSource("checkpoint", path, run_dir, config if config and os.path.isfile(config) else None)
-    raise UserError(f"--resume {path}: no such file or folder; name a run folder, a checkpoint file or "
-                    "a folder written by `python -m train migrate`")
 
 
 def config_from_state(state: Dict[str, Any]):
@@ -386,6 +308,5 @@ def config_from_state(state: Dict[str, Any]):
     return config_from_dict(yaml.safe_load(text))
 
 
-__all__ = ["atomic_torch_save", "atomic_save_safetensors", "keep_copy", "capture_rng", "restore_rng",
-           "load_state", "load_migrated", "find_resume_source", "ResumeSource", "config_from_state",
+__all__ = ["keep_copy", "capture_rng", "restore_rng", "load_state", "load_migrated", "config_from_state",
            "FORMAT", "VERSION", "LAST", "LAST_WEIGHTS"]

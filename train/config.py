@@ -36,6 +36,7 @@ from omegaconf.errors import OmegaConfBaseException
 
 from adapters.registry import (NOT_FIRST_STAGE, RegistryError, canonical_loss_target, get_model_type,
                                resolve_model)
+from train import atomic
 from train.errors import UserError
 from train.schema import (DataSection, ExperimentConfig, LossSection, SourceInfo, TeacherSection,
                           TrainSection)
@@ -541,10 +542,7 @@ def save_config(cfg, path: str) -> None:
     """Write a resolved config as YAML (native shape), atomically."""
     text = OmegaConf.to_yaml(cfg, resolve=True) if isinstance(cfg, DictConfig) else \
         yaml.safe_dump(cfg, sort_keys=False)
-    tmp = f"{path}.tmp"
-    with open(tmp, "w", encoding="utf-8") as fh:
-        fh.write(text)
-    os.replace(tmp, path)
+    atomic.write_text(path, text)
 
 
 def uses_taming_lr_scaling(cfg) -> bool:

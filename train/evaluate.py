@@ -50,14 +50,17 @@ import math
 import os
 import sys
 import time
-from dataclasses import dataclass, replace
+from dataclasses import replace
 from typing import Any, Dict, Iterable, List, Optional, Sequence, Tuple
 
 import torch
 
+from train import atomic
 from train.cli import CommandParser, positive_int
+from train.checkpoint import LAST_WEIGHTS
 from train.errors import UserError
 from train.usage import codebook_stats
+from train.sources import Source, locate, read_state
 
 # Crops of the built-in photographs when --num-images is not given (the demo's count).
 BUILTIN_CROPS = 16
@@ -99,111 +102,37 @@ def reconstruct_with_codes(model, x: torch.Tensor) -> Tuple[torch.Tensor, List[t
 # ----------------------------------------------------------------------------------------
 # What SOURCE names
 
-@dataclass
-class EvalSource:
-    """The weights and the config an evaluation uses."""
-
-    kind: str                       # "run" | "checkpoint" | "weights" | "migrated"
-    path: str                       # what the user named
-    weights: str                    # the file the weights come from
-    config_path: Optional[str]      # config.yaml used (None: the config inside the checkpoint)
-    step: Optional[int] = None
-
-
-def _config_next_to(path: str) -> Optional[str]:
-    """config.yaml of the folder holding ``path``, or of the run folder when it sits in checkpoints/."""
-    folder = os.path.dirname(os.path.abspath(path))
-    for candidate in (folder, os.path.dirname(folder) if os.path.basename(folder) == "checkpoints" else None):
-        if candidate and os.path.isfile(os.path.join(candidate, "config.yaml")):
-            return os.path.join(candidate, "config.yaml")
-    return None
-
-
-def find_source(path: str) -> EvalSource:
-    """Interpret ``SOURCE`` (see the module docstring); unusable -> :class:`UserError`."""
-    from train.checkpoint import LAST, LAST_WEIGHTS
-
-    if os.path.isdir(path):
-        config = os.path.join(path, "config.yaml")
-        config = config if os.path.isfile(config) else None
-        ckpt = os.path.join(path, "checkpoints", LAST)
-        weights = os.path.join(path, "checkpoints", LAST_WEIGHTS)
-        if os.path.isfile(ckpt):
-            # last.ckpt is written before last.safetensors: it is never the older of the two.
-            return EvalSource("run", path, ckpt, config)
-        if os.path.isfile(weights):
-            if config is None:
-                raise UserError(f"eval: {path} has checkpoints/{LAST_WEIGHTS} but no config.yaml to build the "
-                                "model from; copy the run's config.yaml there")
-            return EvalSource("run", path, weights, config)
-        migrated = os.path.join(path, "model.safetensors")
-        if os.path.isfile(migrated):
-            if config is None:
-                raise UserError(f"eval: {path} has model.safetensors but no config.yaml; re-run "
-                                "`python -m train migrate` for this folder")
-            return EvalSource("migrated", path, migrated, config)
-        raise UserError(f"eval: {path} holds no checkpoint (neither checkpoints/{LAST}, "
-                        f"checkpoints/{LAST_WEIGHTS} nor model.safetensors); name a run folder, a checkpoint "
-                        "file or a folder written by `python -m train migrate`")
-    if os.path.isfile(path):
-        if path.endswith(".safetensors"):
-            config = _config_next_to(path)
-            if config is None:
-                raise UserError(f"eval: no config.yaml next to {path} (or in its run folder); name the run "
-                                "folder or put the run's config.yaml beside the weights")
-            return EvalSource("weights", path, path, config)
-        return EvalSource("checkpoint", path, path, None)
-    raise UserError(f"eval: {path}: no such file or folder; name a run folder, a checkpoint file written by "
-                    "`python -m train fit`, or a folder written by `python -m train migrate`")
-
-
-def _safetensors_step(path: str) -> Optional[int]:
-    from safetensors import safe_open
-
-    try:
-        with safe_open(path, framework="pt") as fh:
-            step = (fh.metadata() or {}).get("global_step")
-        return int(step) if step is not None else None
-    except Exception:  # noqa: BLE001 - the step is informational; the load below reports bad files
-        return None
-
-
-def _load_safetensors(path: str) -> Dict[str, torch.Tensor]:
-    from safetensors.torch import load_file
-
-    try:
-        return load_file(path, device="cpu")
-    except Exception as exc:  # noqa: BLE001 - truncated or foreign file
-        raise UserError(f"eval: {path}: not a readable safetensors file ({exc}); name another checkpoint") from None
-
-
-def load_source(source: EvalSource, overrides: Sequence[str] = ()):
-    """``(cfg, model state dict)`` for ``source``; fills in ``source.step``."""
-    from train.checkpoint import load_migrated, load_state
+def load_source(source: Source, overrides: Sequence[str] = ()) -> Tuple[Any, Dict[str, torch.Tensor], Optional[int]]:
+    """``(cfg, model state dict, step)`` for ``source`` (see the module docstring)."""
     from train.run_config import load_run_config, load_stored_config
 
-    if source.kind == "migrated":
-        state = load_migrated(source.path)
-        source.step = int(state.get("global_step") or 0)
-        return load_run_config(source.config_path, overrides).cfg, state["model"]
-    if source.weights.endswith(".safetensors"):
-        source.step = _safetensors_step(source.weights)
-        return load_run_config(source.config_path, overrides).cfg, _load_safetensors(source.weights)
+    if source.weights.endswith(".safetensors") and source.config_path is None:
+        if source.kind == "migrated":
+            raise UserError(f"eval: {source.path} has model.safetensors but no config.yaml; re-run "
+                            "`python -m train migrate` for this folder")
+        if source.kind == "run":
+            raise UserError(f"eval: {source.path} has checkpoints/{LAST_WEIGHTS} but no config.yaml to build the "
+                            "model from; copy the run's config.yaml there")
+        raise UserError(f"eval: no config.yaml next to {source.path} (or in its run folder); name the run "
+                        "folder or put the run's config.yaml beside the weights")
     try:
-        state = load_state(source.weights)
+        state = read_state(source)
     except UserError as exc:
         # load_state speaks to `fit --resume`; the same fix reads differently for eval.
         raise UserError(str(exc).replace("resume from its output folder", "evaluate its output folder")) from None
-    source.step = int(state.get("global_step") or 0)
-    if source.config_path is not None:
+    step = state.get("global_step")
+    step = int(step) if step is not None else None
+    # A checkpoint file named on its own carries the config it was trained with; a run or
+    # migrated folder is built from its config.yaml.
+    text = state.get("config") if source.kind == "checkpoint" or source.config_path is None else None
+    if text:
+        cfg = load_stored_config(text, f"{source.weights} (stored config)", overrides).cfg
+    elif source.config_path is not None:
         cfg = load_run_config(source.config_path, overrides).cfg
     else:
-        text = state.get("config")
-        if not text:
-            raise UserError(f"eval: {source.weights} holds no config and no config.yaml is next to it; "
-                            "name the run folder instead")
-        cfg = load_stored_config(text, f"{source.weights} (stored config)", overrides).cfg
-    return cfg, state["model"]
+        raise UserError(f"eval: {source.weights} holds no config and no config.yaml is next to it; "
+                        "name the run folder instead")
+    return cfg, state["model"], step
 
 
 # ----------------------------------------------------------------------------------------
@@ -406,8 +335,8 @@ def evaluate(source: str, data: Optional[str] = None, split: str = "val", num_im
     from adapters.weights import load_model_weights
 
     started = time.time()
-    src = find_source(source)
-    cfg, state_dict = load_source(src, overrides)
+    src = locate(source, "eval:")
+    cfg, state_dict, step = load_source(src, overrides)
     spec, data_note = eval_data(cfg, data, split)
     indices, count_note = eval_indices(spec, num_images, seed)
     bs = int(batch_size or cfg.train.batch_size)
@@ -418,8 +347,8 @@ def evaluate(source: str, data: Optional[str] = None, split: str = "val", num_im
         raise UserError(f"eval: the stored config does not build a {cfg.model_type} model ({exc}); check the "
                         "model_args overrides") from None
     load_model_weights(model, state_dict, strict=True, source=src.weights)
-    if src.step is not None:
-        model.before_step(src.step)   # e.g. GumbelVQ: the temperature the run had reached
+    if step is not None:
+        model.before_step(step)   # e.g. GumbelVQ: the temperature the run had reached
     dev = torch.device(device) if device else _default_device()
     model.to(dev)
     lpips_module, lpips_note = lpips_for_eval(cfg, vgg, lpips)
@@ -440,7 +369,7 @@ def evaluate(source: str, data: Optional[str] = None, split: str = "val", num_im
     if spec.unreadable:
         notes.append(f"{len(spec.unreadable)} unreadable file(s) left out (e.g. {spec.unreadable[0]})")
     report = {
-        "source": source, "kind": src.kind, "weights": src.weights, "step": src.step,
+        "source": source, "kind": src.kind, "weights": src.weights, "step": step,
         "model_type": cfg.model_type, "model_variant": cfg.model_variant,
         "data": spec.source, "split": "train" if data_note or split == "train" else "val",
         "image_size": int(spec.image_size), "crops": "random (seeded)" if spec.random_crop else "centre",
@@ -500,16 +429,10 @@ def format_report(r: Dict[str, Any]) -> str:
 
 def write_json(report: Dict[str, Any], path: str) -> None:
     text = json.dumps(_json_safe(report), indent=1) + "\n"
-    folder = os.path.dirname(os.path.abspath(path))
-    tmp = f"{path}.tmp.{os.getpid()}"
     try:
-        os.makedirs(folder, exist_ok=True)
-        with open(tmp, "w", encoding="utf-8") as fh:
-            fh.write(text)
-        os.replace(tmp, path)
+        os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+        atomic.write_text(path, text)
     except OSError as exc:
-        if os.path.exists(tmp):
-            os.remove(tmp)
         raise UserError(f"eval: --out {path}: cannot be written ({exc.strerror or exc})") from None
 
 
@@ -572,5 +495,4 @@ def cli_main(argv: List[str]) -> int:
 
 
 __all__ = ["cli_main", "evaluate", "run_model", "psnr", "pixel_errors", "codebook_report",
-           "reconstruct_with_codes", "find_source", "load_source", "eval_data", "lpips_for_eval",
-           "format_report", "EvalSource"]
+           "reconstruct_with_codes", "load_source", "eval_data", "lpips_for_eval", "format_report"]

@@ -24,24 +24,9 @@ from typing import Any, Dict
 
 import torch
 
+from train import atomic
 from train.errors import UserError
-
-
-def _read_source(src: str) -> Dict[str, Any]:
-    """``{"model": sd, "loss": sd or {}, "global_step", "epoch"}`` from a folder or checkpoint."""
-    from train.checkpoint import LAST, load_migrated, load_state
-
-    if os.path.isdir(src):
-        if os.path.isfile(os.path.join(src, "model.safetensors")):
-            return load_migrated(src)
-        for candidate in (os.path.join(src, "checkpoints", LAST), os.path.join(src, LAST)):
-            if os.path.isfile(candidate):
-                return load_state(candidate)
-        raise UserError(f"--export {src}: no model.safetensors (migrated folder) or checkpoints/{LAST} "
-                        "(run folder) inside; name one of those")
-    if os.path.isfile(src):
-        return load_state(src)
-    raise UserError(f"--export {src}: no such file or folder")
+from train.sources import locate, read_state
 
 
 def upstream_state_dict(model_sd: Dict[str, torch.Tensor], loss_sd: Dict[str, torch.Tensor]
@@ -63,7 +48,7 @@ def export_checkpoint(src: str, out_path: str, force: bool = False) -> Dict[str,
         raise UserError(f"--out {out_path} is a folder; --export writes a file, e.g. --out model.ckpt")
     if os.path.exists(out_path) and not force:
         raise UserError(f"--out {out_path} exists; choose another name or pass --force")
-    state = _read_source(src)
+    state = read_state(locate(src, "--export"))
     model_sd = state.get("model") or {}
     if not model_sd:
         raise UserError(f"--export {src}: no model weights found")
@@ -72,13 +57,7 @@ def export_checkpoint(src: str, out_path: str, force: bool = False) -> Dict[str,
                "global_step": int(state.get("global_step") or 0), "epoch": int(state.get("epoch") or 0)}
     parent = os.path.dirname(os.path.abspath(out_path))
     os.makedirs(parent, exist_ok=True)
-    tmp = f"{out_path}.tmp.{os.getpid()}"
-    try:
-        torch.save(payload, tmp)
-        os.replace(tmp, out_path)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
+    atomic.save_torch(payload, out_path)
     n_disc = sum(k.startswith("loss.discriminator.") for k in sd)
     return {"tensors": len(sd), "discriminator_tensors": n_disc, "global_step": payload["global_step"],
             "epoch": payload["epoch"]}

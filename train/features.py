@@ -39,6 +39,7 @@ from adapters.dino_features import FORMAT, STORE_DTYPES, VIEW, FeatureCache, _ke
 from adapters.dinovq import build_teacher
 from adapters.registry import get_model_type
 from train.run_config import load_run_config
+from train import atomic
 from train.data import crop_image, load_rgb, resolve_data, to_tensor
 from train.errors import UserError
 
@@ -96,13 +97,9 @@ def extract(cfg, data_arg: Optional[str], out: str, batch_size: int, device: str
 
 
 def _save_atomic(tensors, meta, out: str) -> None:
-    from safetensors.torch import save_file
-
-    folder = os.path.dirname(os.path.abspath(out))
-    os.makedirs(folder, exist_ok=True)
-    tmp = f"{out}.tmp{os.getpid()}"
-    save_file(tensors, tmp, metadata=meta)
-    os.replace(tmp, out)  # a killed run never leaves a half-written cache under the real name
+    os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
+    # A killed run never leaves a half-written cache under the real name.
+    atomic.save_safetensors(tensors, out, metadata=meta)
 
 
 def cli_main(argv: Sequence[str]) -> int:

@@ -26,6 +26,7 @@ from typing import List, Optional, Tuple
 
 from train.cli import CommandParser, positive_int
 from train.errors import UserError
+from train.sources import Source, locate
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -61,12 +62,10 @@ def resolve_config(config_path: Optional[str], overrides: List[str], resume):
     if resume is None:
         raise UserError("fit: no config file given; usage: python -m train fit CONFIG [--data PATH] "
                         "[--out RUN_DIR] [--max-steps N] [--resume RUN_DIR|CKPT] [key=value ...]")
-    if resume.kind == "checkpoint":
-        import yaml
-
+    if resume.train_state:
         from train.checkpoint import load_state
 
-        text = load_state(resume.path).get("config")
+        text = load_state(resume.weights).get("config")
         if text:
             return load_stored_config(text, f"{resume.path} (stored config)", overrides).cfg
     if resume.config_path:
@@ -74,14 +73,29 @@ def resolve_config(config_path: Optional[str], overrides: List[str], resume):
     raise UserError(f"--resume {resume.path}: no config.yaml next to it; pass the config file as well")
 
 
+def resume_source(path: str) -> Source:
+    """What ``--resume`` names, when a run can continue from it: a trainer checkpoint (a run
+    folder or its .ckpt) or a migrated folder."""
+    source = locate(path, "--resume")
+    if source.kind == "upstream":
+        from train.checkpoint import load_state
+
+        load_state(source.weights)  # raises: unreadable, or "run `python -m train migrate` first"
+    if not source.train_state and source.kind != "migrated":
+        raise UserError(f"--resume {path}: {source.weights} holds model weights only, no training state; name a "
+                        f"run folder with checkpoints/last.ckpt, a .ckpt file or a folder written by "
+                        "`python -m train migrate`")
+    return source
+
+
 def stored_data_path(resume) -> Optional[str]:
     """``data.path`` of the run being resumed (set from its ``--data``), if it recorded one."""
-    if resume.kind == "checkpoint":
+    if resume.train_state:
         import yaml
 
         from train.checkpoint import load_state
 
-        text = load_state(resume.path).get("config")
+        text = load_state(resume.weights).get("config")
         data = (yaml.safe_load(text) or {}).get("data") if text else None
         return (data or {}).get("path")
     if resume.config_path:
@@ -141,9 +155,9 @@ def run(argv: List[str]):
         overrides = [o for o in overrides if not o.startswith("train.max_steps=")]
         overrides.append(f"train.max_steps={args.max_steps}")
 
-    from train.checkpoint import LAST, find_resume_source
+    from train.checkpoint import LAST
 
-    resume = find_resume_source(args.resume) if args.resume else None
+    resume = resume_source(args.resume) if args.resume else None
     cfg = resolve_config(config_path, overrides, resume)
     if args.data is not None:
         # Recorded in the run's config.yaml, so a resume needs no --data.

@@ -18,6 +18,8 @@ from typing import Dict, Optional
 
 import torch
 
+from train import atomic
+
 # Keys shown on the bar / plain line, in this order, when present (the rest go to TB only).
 SHOWN = ("total_loss", "rec_loss", "nll_loss", "p_loss", "quant_loss", "latent_loss", "dino_loss",
          "g_loss", "disc_loss")
@@ -140,9 +142,8 @@ def save_grid(inputs: torch.Tensor, reconstructions: torch.Tensor, path: str, ma
     both = torch.cat([inputs[:n], reconstructions[:n]]).detach().float().cpu()
     both = ((both.clamp(-1, 1) + 1) / 2)[:, :3]
     grid = make_grid(both, nrow=n, padding=2, pad_value=1.0)
-    tmp = f"{path}.tmp.png"
-    save_image(grid, tmp)
-    os.replace(tmp, path)
+    with atomic.replacing(path) as tmp:
+        save_image(grid, tmp, format="png")  # the temporary name has no .png suffix to go by
     return grid
 
 

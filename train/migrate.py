@@ -58,6 +58,7 @@ from typing import Any, Dict, List, Optional, Sequence, Tuple
 import torch
 from torch import nn
 
+from train import atomic
 from train.errors import UserError
 from train.optimizer import build_optimizer
 
@@ -579,10 +580,7 @@ def _publish(tmp_dir: str, out_dir: str) -> None:
 
 
 def _save_safetensors(sd: Dict[str, torch.Tensor], path: str) -> None:
-    from safetensors.torch import save_file
-
-    save_file({k: v.detach().cpu().contiguous().clone() for k, v in sd.items()}, path,
-              metadata={"format": "pt", "written_by": "python -m train migrate"})
+    atomic.save_safetensors(sd, path, metadata={"format": "pt", "written_by": "python -m train migrate"})
 
 
 def migrate(config_path: str, ckpt_path: Optional[str], out_dir: str, force: bool = False) -> Report:
@@ -615,7 +613,7 @@ def migrate(config_path: str, ckpt_path: Optional[str], out_dir: str, force: boo
             if loaded.weights_only_error:
                 report.checkpoint["notes"].append(
                     "torch.load(weights_only=True) refused the file (it pickles Lightning/OmegaConf objects); "
-                    "read with the restricted unpickler instead")
+                    "read again with those classes as inert placeholders")
             ckpt = loaded.data if isinstance(loaded.data, dict) else {}
             hp = ckpt.get("hyper_parameters")
             if hp is not None:
@@ -666,8 +664,8 @@ def migrate(config_path: str, ckpt_path: Optional[str], out_dir: str, force: boo
                                     "(disc_start counts from there)")
             report.train_state.update({"global_step": step, "epoch": epoch})
             optimizer_states = carry_optimizers(cfg, ckpt, model, disc, gen, disc_sd, report)
-            torch.save({"global_step": step, "epoch": epoch, "optimizer_states": optimizer_states},
-                       os.path.join(tmp_dir, "train_state.pt"))
+            atomic.save_torch({"global_step": step, "epoch": epoch, "optimizer_states": optimizer_states},
+                              os.path.join(tmp_dir, "train_state.pt"))
             files.append("train_state.pt")
         else:
             report.cannot_carry("weights and training state", "no --ckpt given (and no model_args.ckpt_path); only "
@@ -676,11 +674,9 @@ def migrate(config_path: str, ckpt_path: Optional[str], out_dir: str, force: boo
         OmegaConf.save(cfg, os.path.join(tmp_dir, "config.yaml"))
         files.insert(0, "config.yaml")
         report.outputs = files + ["report.md", "report.json"]
-        with open(os.path.join(tmp_dir, "report.json"), "w", encoding="utf-8") as fh:
-            json.dump(report.as_dict(), fh, indent=2, default=str)
-            fh.write("\n")
-        with open(os.path.join(tmp_dir, "report.md"), "w", encoding="utf-8") as fh:
-            fh.write(render_markdown(report))
+        atomic.write_text(os.path.join(tmp_dir, "report.json"),
+                          json.dumps(report.as_dict(), indent=2, default=str) + "\n")
+        atomic.write_text(os.path.join(tmp_dir, "report.md"), render_markdown(report))
         umask = os.umask(0)
         os.umask(umask)
         os.chmod(tmp_dir, 0o777 & ~umask)  # mkdtemp makes it private; the result is a normal folder

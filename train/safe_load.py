@@ -1,42 +1,65 @@
-"""Read legacy checkpoints without ever running code from the file.
+"""Read checkpoints and weight files without ever running code from them.
 
-A ``.ckpt`` is a pickle, and a pickle is a small program: every class or function it names
-is looked up (``find_class``) and may be called.  torch's ``weights_only=True`` loader only
-allows tensors and plain containers, so it refuses real Lightning checkpoints (callback
-classes used as dict keys, OmegaConf ``DictConfig`` hyper-parameters, ``argparse.Namespace``,
-numpy scalars).  This module reads them anyway:
+Every ``torch.load`` of the project happens here, always with ``weights_only=True``: torch's
+own allowlisting unpickler, which only rebuilds tensors, plain containers and the globals it
+is told are safe.  Two entry points:
 
-1. ``torch.load(weights_only=True)`` first: torch's own safe path.
-2. If torch refuses the file, ``torch.load`` again with a restricted pickle module whose
-   ``find_class`` returns real objects only for a short allowlist (tensor and storage
-   rebuild functions, ``OrderedDict``, torch dtypes and devices, numpy arrays/scalars) and an
-   inert :class:`Placeholder` class for every other name.  A placeholder records the name,
-   its arguments and its state, and never calls anything.  Names that only a malicious file
-   would use (``os.system``, ``subprocess.*``, ``builtins.eval`` / ``exec`` / ``open``,
-   ``__import__``, ``getattr``, ...) refuse the whole file with a :class:`UserError`.
-3. What was turned into placeholders is reported (``LoadedCheckpoint.dropped``), and
-   :func:`to_plain` recovers OmegaConf / Namespace hyper-parameters as plain data.
-
-The idea is the one the ``pickle`` documentation describes under "Restricting Globals"
-(override ``Unpickler.find_class``); torch's ``_weights_only_unpickler`` applies it with a
-refusal for every unknown name, here unknown names become inert records instead.
+* :func:`load_weights_file` -- a file torch reads as it is (a state dict, a trainer
+  checkpoint, a VGG16 or DINO weights file), memory-mapped when the format allows it.
+  Failures raise :class:`UnreadableFile` (a :class:`UserError`) carrying torch's own reason,
+  never its advice to retry with ``weights_only=False``.
+* :func:`load_checkpoint` -- a legacy Lightning ``.ckpt``.  Such files pickle callback
+  classes (also as dict keys), OmegaConf ``DictConfig`` hyper-parameters,
+  ``argparse.Namespace`` and numpy scalars, which torch refuses by default.  The names torch
+  does not know (``torch.serialization.get_unsafe_globals_in_checkpoint``) are handed to
+  ``torch.serialization.safe_globals`` as ``(placeholder class, "module.Name")`` pairs: an
+  inert :class:`Placeholder` records what the pickle passes to it and never runs anything.
+  :func:`to_plain` recovers the hyper-parameters from those records.
 
     >>> from train.safe_load import load_checkpoint, extract_state_dict
     >>> ckpt = load_checkpoint("last.ckpt")        # doctest: +SKIP
     >>> sd, notes = extract_state_dict(ckpt.data)  # doctest: +SKIP
+
+What torch's mechanism does not cover, and is therefore written here (the smallest pieces
+that hold the cases, each tested in ``tests/test_safe_load.py``):
+
+* **A static scan of the pickle before torch reads it** (:func:`scan_pickle`, over
+  ``pickletools.genops``: it disassembles, it never calls anything).  It is needed because
+  (1) torch's default allowlist cannot be narrowed and hands out size-taking constructors
+  (``builtins.bytearray``, ``torch.Tensor`` and the legacy tensor classes): a pickle calling
+  ``bytearray(2**31)`` makes torch's own loader fill 2 GB before any check runs, so such
+  calls with an integer argument refuse the file first; (2) files that name code-running
+  globals (``os.system``, ``subprocess.Popen``, ``builtins.eval`` ...) are refused with a
+  clear message instead of becoming placeholders, because only a malicious file names them;
+  (3) ``get_unsafe_globals_in_checkpoint`` reads zip checkpoints only, and legacy (pre-1.6,
+  non-zip) ``torch.save`` files still exist: for those the scan lists the globals.
+* **The numpy dtype rule**: numpy scalars and arrays are allowed, but ``numpy.dtype`` goes
+  through :func:`_plain_numpy_dtype`, which accepts numeric and object dtypes only.  pickle's
+  BUILD hands a dtype a state from the file and numpy trusts its flags: a void dtype with an
+  object field whose "holds objects" flag is cleared reads file bytes as object pointers.
+* **A refusal of TorchScript archives** (``constants.pkl`` inside): they hold code, and torch
+  would hand them to ``torch.jit.load``.
+
+Known limit of torch's unpickler that stays: an unknown ``dict`` / ``list`` subclass filled
+by SETITEMS / APPENDS cannot be a placeholder (torch only fills exact dicts and lists), so
+such a file is refused with torch's reason; ``collections.defaultdict`` is read as a dict.
 """
 from __future__ import annotations
 
 import collections
 import datetime
+import io
 import os
 import pickle
-import types
+import pickletools
 import zipfile
+import zlib
 from dataclasses import dataclass, field
-from typing import Any, Dict, Iterable, List, Optional, Sequence, Tuple
+from typing import Any, Dict, Iterable, Iterator, List, Optional, Sequence, Set, Tuple
 
+import numpy as np
 import torch
+from torch._utils import IMPORT_MAPPING, NAME_MAPPING
 
 from train.errors import UserError
 
@@ -45,11 +68,11 @@ from train.errors import UserError
 
 
 class Placeholder:
-    """An inert stand-in for an object whose class is not on the allowlist.
+    """An inert stand-in for an object whose class torch does not allow.
 
-    Construction, ``__setstate__`` (pickle's BUILD), item assignment and ``append`` /
-    ``extend`` only *record* what the pickle handed over; no method of the original class
-    is ever looked up or run.  Subclasses are made per original name by
+    Construction (pickle's REDUCE / NEWOBJ), ``__setstate__`` (BUILD), item assignment and
+    ``append`` / ``extend`` only *record* what the pickle handed over; no method of the
+    original class is ever looked up or run.  Subclasses are made per original name by
     :func:`placeholder_class`; ``ph_module`` / ``ph_name`` say which class it stood for.
     """
 
@@ -112,7 +135,7 @@ def is_placeholder(obj: Any) -> bool:
 
 
 # --------------------------------------------------------------------------------------
-# The allowlist and the refusals.
+# The policy for globals a pickle names.
 
 # Whole modules whose every name runs code, touches files or processes, or imports.
 _DANGEROUS_MODULES = (
@@ -124,18 +147,18 @@ _DANGEROUS_MODULES = (
     "torch.hub", "torch.jit", "torch.package", "torch.ops", "torch._C", "torch.utils.cpp_extension",
     "numpy.testing", "numpy.distutils", "numpy.f2py", "setuptools", "distutils",
 )
-# Single names that run code although their module is harmless.
+# Single names that run code although their module is harmless (after torch's Python 2 name
+# mapping, so ``__builtin__.eval`` is checked as ``builtins.eval``).
 _DANGEROUS_NAMES = {
     ("builtins", n) for n in (
         "eval", "exec", "compile", "open", "__import__", "getattr", "setattr", "delattr",
         "globals", "locals", "vars", "input", "breakpoint", "exit", "quit", "help",
         "__builtins__", "apply", "execfile", "file", "reload")
-} | {("__builtin__", n) for n in ("eval", "exec", "compile", "open", "__import__", "getattr",
-                                  "setattr", "execfile", "file", "apply", "reload", "input")} | {
+} | {
     ("torch", "load"), ("torch.serialization", "load"), ("torch.storage", "_load_from_bytes"),
     ("torch", "save"), ("torch.serialization", "save"), ("numpy", "load"), ("numpy", "save"),
     ("numpy.lib.npyio", "load"), ("numpy", "fromfile"), ("numpy", "loadtxt"),
-    ("copyreg", "add_extension"), ("copy_reg", "add_extension"),
+    ("copyreg", "add_extension"),
     ("io", "open"), ("io", "FileIO"), ("_io", "open"), ("_io", "FileIO"), ("io", "open_code"),
     ("types", "FunctionType"), ("types", "CodeType"), ("types", "LambdaType"),
     ("types", "MethodType"), ("functools", "reduce"),
@@ -148,109 +171,25 @@ def _is_dangerous(module: str, name: str) -> bool:
     return any(module == m or module.startswith(m + ".") for m in _DANGEROUS_MODULES)
 
 
-class _Refused(Exception):
-    """Raised inside the unpickler when the file names a code-running global."""
+def _sized_constructors() -> Set[str]:
+    """Globals that allocate memory of a size given as an integer argument.
+
+    torch's allowlist hands out ``bytearray``, ``torch.Tensor`` and the legacy tensor
+    classes (``torch.FloatTensor(n)``, ``torch.cuda.FloatTensor(n)``); no ``torch.save``
+    output calls them with a size, a memory bomb does.
+    """
+    names = {"builtins.bytearray", "builtins.bytes", "torch.Tensor", "torch.nn.parameter.Parameter"}
+    names.update(f"{cls.__module__}.{cls.__name__}" for cls in torch._tensor_classes)
+    return names
 
 
-def _as_int_tuple(value, what: str) -> Tuple[int, ...]:
-    if not isinstance(value, (tuple, list, torch.Size)) or not all(isinstance(v, int) for v in value):
-        raise pickle.UnpicklingError(f"tensor {what} is not a tuple of ints")
-    return tuple(value)
+_SIZED = _sized_constructors()
 
 
-def _check_storage(storage):
-    if not isinstance(storage, (torch.storage.TypedStorage, torch.storage.UntypedStorage)):
-        raise pickle.UnpicklingError(f"tensor storage is a {type(storage).__name__}, not a torch storage")
-
-
-def _rebuild_tensor(storage, storage_offset, size, stride):
-    """torch's ``_rebuild_tensor`` after checking its arguments are plain data."""
-    _check_storage(storage)
-    if not isinstance(storage_offset, int):
-        raise pickle.UnpicklingError("tensor storage offset is not an int")
-    return torch._utils._rebuild_tensor(storage, storage_offset, _as_int_tuple(size, "size"),
-                                        _as_int_tuple(stride, "stride"))
-
-
-def _set_metadata(tensor, metadata):
-    # Only the conj/neg bits torch writes; anything else is ignored.
-    if isinstance(metadata, dict) and metadata and all(
-            isinstance(k, str) and isinstance(v, bool) for k, v in metadata.items()):
-        torch._utils.set_tensor_metadata(tensor, metadata)
-
-
-def _rebuild_tensor_v2(storage, storage_offset, size, stride, requires_grad=False,
-                       backward_hooks=None, metadata=None):
-    # Backward hooks from a file would be called during backward: never restore them.
-    tensor = _rebuild_tensor(storage, storage_offset, size, stride)
-    tensor.requires_grad = bool(requires_grad) and tensor.is_floating_point()
-    _set_metadata(tensor, metadata)
-    return tensor
-
-
-def _rebuild_tensor_v3(storage, storage_offset, size, stride, requires_grad=False,
-                       backward_hooks=None, dtype=None, metadata=None):
-    tensor = _rebuild_tensor(storage, storage_offset, size, stride)
-    if isinstance(dtype, torch.dtype) and tensor.dtype != dtype:
-        tensor = tensor.view(dtype)
-    tensor.requires_grad = bool(requires_grad) and tensor.is_floating_point()
-    _set_metadata(tensor, metadata)
-    return tensor
-
-
-def _rebuild_parameter(data, requires_grad=False, backward_hooks=None, state=None):
-    if not isinstance(data, torch.Tensor):
-        raise pickle.UnpicklingError("parameter data is not a tensor")
-    # Python attributes on a Parameter (``state``) are not restored: they are not weights.
-    return torch.nn.Parameter(data, bool(requires_grad))
-
-
-_TENSOR_REBUILDERS = (_rebuild_tensor_v2, _rebuild_tensor_v3, _rebuild_parameter)
-
-
-def _rebuild_from_type_v2(func, new_type, args, state=None):
-    """Tensor subclasses / tensors with attributes: keep the plain tensor only."""
-    if func not in _TENSOR_REBUILDERS or not isinstance(args, tuple):
-        raise pickle.UnpicklingError("tensor rebuilt by an unknown function")
-    return func(*args)
-
-
-def _safe_defaultdict(factory=None, *args):
-    # The factory would run on every missing key later: keep it only when it is a builtin type.
-    if factory not in (None, list, dict, set, int, float, str, tuple, collections.OrderedDict):
-        factory = None
-    return collections.defaultdict(factory, *args)
-
-
-def _torch_attribute(name: str):
-    """dtypes, layouts and memory formats pickle as ``torch.<name>``."""
-    value = getattr(torch, name, None)
-    if isinstance(value, (torch.dtype, torch.layout, torch.memory_format)):
-        return value
-    return None
-
-
-def _numpy_allowlist() -> Dict[Tuple[str, str], Any]:
-    try:
-        import numpy as np
-    except ImportError:  # pragma: no cover - numpy ships with torch
-        return {}
-    try:
-        from numpy._core import multiarray
-    except ImportError:  # numpy 1.x
-        from numpy.core import multiarray
-    allowed = {}
-    for mod in ("numpy.core.multiarray", "numpy._core.multiarray"):
-        # scalar(dtype, bytes) and _reconstruct + ndarray.__setstate__ only copy bytes.
-        allowed[(mod, "scalar")] = multiarray.scalar
-        allowed[(mod, "_reconstruct")] = multiarray._reconstruct
-    allowed[("numpy", "ndarray")] = np.ndarray
-    allowed[("numpy", "dtype")] = _plain_numpy_dtype
-    for dtype_cls in ("Float64DType", "Float32DType", "Float16DType", "Int64DType", "Int32DType",
-                      "Int16DType", "Int8DType", "UInt8DType", "BoolDType"):
-        if hasattr(getattr(np, "dtypes", None), dtype_cls):
-            allowed[("numpy.dtypes", dtype_cls)] = getattr(np.dtypes, dtype_cls)
-    return allowed
+def _defaultdict_as_dict(factory=None, *args):
+    # A defaultdict's factory would run on every missing key later, and torch's unpickler only
+    # fills exact dicts: its items come back in a plain dict.
+    return dict(*args)
 
 
 # Numeric and object dtypes only.  pickle's BUILD hands a dtype its state (fields, subarray,
@@ -262,8 +201,6 @@ _PLAIN_DTYPE_KINDS = "biufcO"
 
 
 def _plain_numpy_dtype(*args):
-    import numpy as np
-
     dtype = np.dtype(*args)
     if dtype.kind not in _PLAIN_DTYPE_KINDS or dtype.fields is not None or dtype.subdtype is not None:
         raise pickle.UnpicklingError(f"numpy dtype {dtype} (kind {dtype.kind!r}) is not loaded from a checkpoint "
@@ -271,96 +208,305 @@ def _plain_numpy_dtype(*args):
     return dtype
 
 
-def _allowlist() -> Dict[Tuple[str, str], Any]:
-    allowed = {
-        ("collections", "OrderedDict"): collections.OrderedDict,
-        ("collections", "defaultdict"): _safe_defaultdict,
-        ("torch._utils", "_rebuild_tensor"): _rebuild_tensor,
-        ("torch._utils", "_rebuild_tensor_v2"): _rebuild_tensor_v2,
-        ("torch._utils", "_rebuild_tensor_v3"): _rebuild_tensor_v3,
-        ("torch._utils", "_rebuild_parameter"): _rebuild_parameter,
-        ("torch._utils", "_rebuild_parameter_with_state"): _rebuild_parameter,
-        ("torch._tensor", "_rebuild_from_type_v2"): _rebuild_from_type_v2,
-        ("torch", "Size"): torch.Size,
-        ("torch", "device"): torch.device,
-        # Not torch.Tensor / Parameter themselves: torch.Tensor(10**12) would allocate that much.
-        ("torch.serialization", "_get_layout"): torch.serialization._get_layout,
-        # Protocol-2 pickles write bytes as _codecs.encode(str, "latin1").
-        ("_codecs", "encode"): _codecs_encode,
-        ("datetime", "datetime"): datetime.datetime,
-        ("datetime", "date"): datetime.date,
-        ("datetime", "timedelta"): datetime.timedelta,
+def _own_allowlist() -> Dict[str, Any]:
+    """Globals torch does not allow by default that checkpoints legitimately hold, by the
+    name a pickle uses for them."""
+    try:
+        from numpy._core import multiarray
+    except ImportError:  # numpy 1.x
+        from numpy.core import multiarray
+    allowed: Dict[str, Any] = {
+        "collections.defaultdict": _defaultdict_as_dict,
+        "datetime.datetime": datetime.datetime,
+        "datetime.date": datetime.date,
+        "datetime.timedelta": datetime.timedelta,
+        # scalar(dtype, bytes) and _reconstruct + ndarray.__setstate__ only copy bytes; every
+        # dtype they see went through _plain_numpy_dtype.
+        "numpy.ndarray": np.ndarray,
+        "numpy.dtype": _plain_numpy_dtype,
     }
-    for builtin in (set, frozenset, slice, complex, int, float, bool, str, list, tuple, dict):
-        allowed[("builtins", builtin.__name__)] = builtin
-        allowed[("__builtin__", builtin.__name__)] = builtin
-    for builtin in (bytes, bytearray):
-        allowed[("builtins", builtin.__name__)] = allowed[("__builtin__", builtin.__name__)] = \
-            _bytes_from_data(builtin)
-    allowed.update(_numpy_allowlist())
+    for builtin in (frozenset, slice, int, float, bool, str, list, tuple, dict, bytes):
+        allowed[f"builtins.{builtin.__name__}"] = builtin
+    for mod in ("numpy.core.multiarray", "numpy._core.multiarray"):
+        allowed[f"{mod}.scalar"] = multiarray.scalar
+        allowed[f"{mod}._reconstruct"] = multiarray._reconstruct
+    # The dtype classes are what BUILD sees (torch only builds instances of allowed types).
+    for dtype_cls in ("Float64DType", "Float32DType", "Float16DType", "Int64DType", "Int32DType",
+                      "Int16DType", "Int8DType", "UInt8DType", "BoolDType", "ObjectDType",
+                      "UInt16DType", "UInt32DType", "UInt64DType", "Complex64DType", "Complex128DType"):
+        cls = getattr(getattr(np, "dtypes", None), dtype_cls, None)
+        if cls is not None:
+            allowed[f"numpy.dtypes.{dtype_cls}"] = cls
     return allowed
 
 
-def _bytes_from_data(kind):
-    """``bytes`` / ``bytearray`` from existing data only: ``bytearray(10**12)`` would be a
-    memory bomb, so integer sizes are refused."""
-
-    def build(*args):
-        if args and isinstance(args[0], int):
-            raise pickle.UnpicklingError(f"{kind.__name__}(<size>) is not allowed in a checkpoint")
-        return kind(*args)
-
-    return build
+_OWN_ALLOWED = _own_allowlist()
 
 
-def _codecs_encode(text, encoding="utf-8", errors="strict"):
-    # Only the text codecs pickle itself uses; "zlib_codec" & co. could be memory bombs.
-    if encoding not in ("latin1", "latin-1", "utf-8", "utf8", "ascii") or not isinstance(text, str):
-        raise pickle.UnpicklingError(f"unsupported byte encoding {encoding!r} in pickle")
-    return text.encode(encoding, errors)
+class Refused(pickle.UnpicklingError):
+    """The static scan found a global or a call that no honest checkpoint holds."""
 
-
-_ALLOWED: Optional[Dict[Tuple[str, str], Any]] = None
+    def __init__(self, reason: str, runs_code: bool):
+        super().__init__(reason)
+        self.reason = reason
+        self.runs_code = runs_code
 
 
 def resolve_global(module: str, name: str) -> Any:
-    """What the restricted unpickler hands back for the global ``module.name``.
+    """What a global named in a checkpoint pickle stands for under this module's policy.
 
-    An allowlisted object, a torch dtype/layout, an inert placeholder class, or
-    :class:`_Refused` raised for code-running names.
+    :class:`Refused` for code-running names; for size-taking constructors (``torch.Tensor``,
+    ``Parameter``) an inert placeholder class: torch's table would hand out the real ones,
+    and the scan refuses a file that calls them with a size (the only call a checkpoint
+    could make of them); an object of this module's allowlist or of torch's; else an inert
+    placeholder class.
     """
-    global _ALLOWED
-    if _ALLOWED is None:
-        _ALLOWED = _allowlist()
-    module, name = str(module), str(name)
-    hit = _ALLOWED.get((module, name))
-    if hit is not None:
-        return hit
-    if module == "torch":
-        value = _torch_attribute(name)
-        if value is not None:
-            return value
+    module, name = _mapped(str(module), str(name))
     if _is_dangerous(module, name):
-        raise _Refused(f"{module}.{name}")
+        raise Refused(f"{module}.{name}", runs_code=True)
+    full = f"{module}.{name}"
+    if full in _OWN_ALLOWED:
+        return _OWN_ALLOWED[full]
+    if full in _SIZED:
+        return placeholder_class(module, name)
+    torch_allowed = _torch_allowlist()
+    if full in torch_allowed:
+        return torch_allowed[full]
     return placeholder_class(module, name)
 
 
-def _restricted_pickle_module() -> types.SimpleNamespace:
-    """A stand-in for the ``pickle`` module, as ``torch.load(pickle_module=...)`` expects."""
+def _torch_allowlist() -> Dict[str, Any]:
+    # torch exposes its default table only privately; resolve_global is a report of the
+    # policy, the loader itself asks torch (get_unsafe_globals_in_checkpoint, torch.load).
+    from torch import _weights_only_unpickler
 
-    class RestrictedUnpickler(pickle.Unpickler):
-        def find_class(self, module, name):
-            return resolve_global(module, name)
+    return dict(getattr(_weights_only_unpickler, "_get_allowed_globals", dict)())
 
-    def load(file, **kwargs):
-        return RestrictedUnpickler(file, **kwargs).load()
 
-    return types.SimpleNamespace(__name__="train.safe_load.restricted_pickle",
-                                 Unpickler=RestrictedUnpickler, load=load)
+def _mapped(module: str, name: str) -> Tuple[str, str]:
+    """torch's own Python 2 -> 3 renaming of pickled globals (``__builtin__`` -> ``builtins``)."""
+    if (module, name) in NAME_MAPPING:
+        return NAME_MAPPING[(module, name)]
+    return IMPORT_MAPPING.get(module, module), name
 
 
 # --------------------------------------------------------------------------------------
-# Loading.
+# The static scan.
+
+_INT_OPS = {"INT", "BININT", "BININT1", "BININT2", "LONG", "LONG1", "LONG4"}
+_PUT_OPS = {"PUT", "BINPUT", "LONG_BINPUT"}
+_GET_OPS = {"GET", "BINGET", "LONG_BINGET"}
+_TUPLE_SIZES = {"TUPLE1": 1, "TUPLE2": 2, "TUPLE3": 3, "EMPTY_TUPLE": 0}
+
+
+class _Global(str):
+    """A global on the scan's symbolic stack (its ``module.name``)."""
+
+
+class _Int(int):
+    """An integer on the scan's symbolic stack."""
+
+
+def scan_pickle(stream: io.BufferedIOBase) -> List[Tuple[str, str]]:
+    """The globals one pickle in ``stream`` names, as ``(module, name)`` in file order.
+
+    A symbolic run of pickle's stack machine that keeps only globals, integers and tuples,
+    enough to see which global each REDUCE / NEWOBJ calls and with which top-level
+    arguments.  Raises :class:`Refused` for a code-running global or a size-taking
+    constructor called with an integer; ``ValueError`` where the bytes are not a pickle
+    (torch's reader then gives its own reason).
+    """
+    found: List[Tuple[str, str]] = []
+    stack: List[Any] = []
+    marks: List[int] = []
+    memo: Dict[Any, Any] = {}
+    for op, arg, _pos in pickletools.genops(stream):
+        kind = op.name
+        if kind == "MARK":
+            marks.append(len(stack))
+            continue
+        if kind in ("GLOBAL", "INST"):
+            module, name = _mapped(*arg.split(" ", 1))
+            if _is_dangerous(module, name):
+                raise Refused(f"{module}.{name}", runs_code=True)
+            found.append((module, name))
+            if kind == "GLOBAL":
+                stack.append(_Global(f"{module}.{name}"))
+                continue
+            args = stack[marks.pop():]
+            del stack[len(stack) - len(args):]
+            _check_call(_Global(f"{module}.{name}"), tuple(args))
+            stack.append(None)
+            continue
+        if kind in _INT_OPS:
+            stack.append(_Int(arg) if isinstance(arg, int) and not isinstance(arg, bool) else None)
+            continue
+        if kind in _PUT_OPS:
+            memo[arg] = stack[-1] if stack else None
+            continue
+        if kind == "MEMOIZE":
+            memo[len(memo)] = stack[-1] if stack else None
+            continue
+        if kind in _GET_OPS:
+            stack.append(memo.get(arg))
+            continue
+        if kind in _TUPLE_SIZES:
+            n = _TUPLE_SIZES[kind]
+            items = tuple(stack[len(stack) - n:]) if n else ()
+            del stack[len(stack) - n:]
+            stack.append(items)
+            continue
+        if kind == "TUPLE":
+            start = marks.pop()
+            items = tuple(stack[start:])
+            del stack[start:]
+            stack.append(items)
+            continue
+        if kind in ("REDUCE", "NEWOBJ", "NEWOBJ_EX"):
+            if kind == "NEWOBJ_EX":
+                stack.pop()
+            args = stack.pop() if stack else None
+            func = stack.pop() if stack else None
+            _check_call(func, args if isinstance(args, tuple) else ())
+            stack.append(None)
+            continue
+        # Every other opcode: pop what it consumes (down to the mark where it takes one) and
+        # push unknown values for what it produces.
+        before, after = op.stack_before, op.stack_after
+        if pickletools.markobject in before:
+            below = before.index(pickletools.markobject)
+            del stack[marks.pop() if marks else 0:]
+            del stack[max(0, len(stack) - below):]
+        elif before:
+            del stack[max(0, len(stack) - len(before)):]
+        stack.extend([None] * len(after))
+    return found
+
+
+def _check_call(func: Any, args: tuple) -> None:
+    if isinstance(func, _Global) and func in _SIZED and any(isinstance(a, _Int) for a in args):
+        sizes = ", ".join(str(int(a)) for a in args if isinstance(a, _Int))
+        raise Refused(f"{func}({sizes}): a size-taking constructor called with a size from the file "
+                      "(a memory bomb, not a checkpoint)", runs_code=False)
+
+
+# The object pickle of a zip checkpoint (data.pkl) holds structure and small values only.
+MAX_PICKLE_BYTES = 1 << 30
+
+
+def _pickle_streams(path: str) -> Iterator[io.BufferedIOBase]:
+    """The pickles torch would unpickle from ``path``: ``data.pkl`` of a zip checkpoint, or
+    the leading pickles of a legacy file (magic number, protocol, system info, the object,
+    the storage keys), read one after another from one stream."""
+    if zipfile.is_zipfile(path):
+        with zipfile.ZipFile(path) as archive:
+            records = [i for i in archive.infolist() if i.filename == "data.pkl" or i.filename.endswith("/data.pkl")]
+            if records:
+                # torch reads the whole record into memory: a (re-)compressed one could inflate
+                # to any size, so its declared size is bounded (tensors live in other records).
+                if records[0].file_size > MAX_PICKLE_BYTES:
+                    raise Refused(f"its object pickle declares {records[0].file_size} bytes, more than "
+                                  f"{MAX_PICKLE_BYTES} (tensors are stored outside it)", runs_code=False)
+                with archive.open(records[0]) as stream:
+                    yield stream
+        return
+    with open(path, "rb") as fh:
+        for _ in range(5):
+            if not fh.peek(1)[:1]:
+                return
+            yield fh
+
+
+def _scan_file(path: str) -> List[Tuple[str, str]]:
+    """Every global the file's pickles name (see :func:`scan_pickle`); stops quietly where
+    the bytes stop being a pickle, since torch's unpickler refuses those bytes itself."""
+    found: List[Tuple[str, str]] = []
+    try:
+        for stream in _pickle_streams(path):
+            found.extend(scan_pickle(stream))
+    except (ValueError, EOFError, OSError, zipfile.BadZipFile, zlib.error):
+        pass
+    return found
+
+
+# --------------------------------------------------------------------------------------
+# Reading with torch.
+
+
+class UnreadableFile(UserError):
+    """A file the weights-only reader cannot use.
+
+    ``reason`` is torch's own (one line, without its advice to retry unsafely) or the scan's;
+    ``objects`` is True when the file is a pickle that holds something besides tensors and
+    plain data (torch's unpickler refused it), False for a corrupt or foreign file.
+    """
+
+    def __init__(self, path: str, reason: str, objects: bool, what: str = "a weights-only torch file"):
+        super().__init__(f"{path}: cannot be read as {what} ({reason})")
+        self.path = path
+        self.reason = reason
+        self.objects = objects
+
+
+def torch_error_reason(exc: BaseException) -> str:
+    """The line of a ``torch.load(weights_only=True)`` error that says what is wrong.
+
+    torch's message opens with "Weights only load failed ... Re-running `torch.load` with
+    `weights_only` set to `False` will likely succeed": for a corrupt or foreign file that is
+    both wrong and unsafe advice, so the unpickler's own reason is reported instead."""
+    text = str(exc)
+    marker = "WeightsUnpickler error:"
+    if marker in text:  # the unpickler's own words follow torch's advice
+        text = text.split(marker, 1)[1]
+    lines = [line.strip() for line in text.splitlines() if line.strip()]
+    reasons = [line for line in lines if not line.startswith(("Weights only load failed", "Please file an issue",
+                                                               "Check the documentation of torch.load"))]
+    return (reasons or lines or [type(exc).__name__])[0]
+
+
+def _torch_load(path: str, zipped: bool) -> Any:
+    # mmap: tensors are read when used (a 528 MB vgg16 file of which LPIPS needs 59 MB);
+    # only zip files (torch >= 1.6) can be mapped.
+    return torch.load(path, map_location="cpu", weights_only=True, mmap=zipped)
+
+
+def _guard(path: str) -> Tuple[bool, List[Tuple[str, str]]]:
+    """Refusals that come before torch reads ``path``; returns whether it is a zip file and
+    the globals its pickles name."""
+    zipped = zipfile.is_zipfile(path)
+    if zipped:
+        with zipfile.ZipFile(path) as archive:
+            names = archive.namelist()
+        # torch.load hands TorchScript archives to torch.jit.load: code, not a checkpoint.
+        if any(n.endswith("/constants.pkl") or n == "constants.pkl" for n in names):
+            raise Refused("a TorchScript archive (it contains code), not a state-dict checkpoint", runs_code=False)
+    return zipped, _scan_file(path)
+
+
+def load_weights_file(path: str, allow: Sequence[Any] = ()) -> Any:
+    """What ``path`` holds, read by ``torch.load(weights_only=True)`` (tensors on the CPU,
+    memory-mapped for zip files) after the static scan; ``allow``: classes the caller trusts
+    besides torch's defaults (``torch.serialization.safe_globals`` entries).
+    :class:`UnreadableFile` otherwise."""
+    path = os.fspath(path)
+    try:
+        zipped, _named = _guard(path)
+        with torch.serialization.safe_globals(list(allow)):
+            return _torch_load(path, zipped)
+    except Refused as exc:
+        raise UnreadableFile(path, exc.reason if not exc.runs_code else
+                             f"the pickle names {exc.reason}, which runs code; nothing from it was executed",
+                             objects=True) from None
+    except pickle.UnpicklingError as exc:
+        # A refused global or construct is an object; "Unsupported operand" is just not a pickle.
+        reason = torch_error_reason(exc)
+        raise UnreadableFile(path, reason, objects=not reason.startswith("Unsupported operand")) from None
+    except Exception as exc:  # noqa: BLE001 - truncated files raise RuntimeError, EOFError, ...
+        raise UnreadableFile(path, torch_error_reason(exc), objects=False) from None
+
+
+# --------------------------------------------------------------------------------------
+# Legacy checkpoints.
 
 
 @dataclass
@@ -373,9 +519,9 @@ class DroppedPart:
 class LoadedCheckpoint:
     path: str
     data: Any
-    method: str                      # "weights_only" | "restricted" | "safetensors"
+    method: str                      # "weights_only" | "restricted" (with placeholders) | "safetensors"
     dropped: List[DroppedPart] = field(default_factory=list)
-    weights_only_error: Optional[str] = None   # why torch's safe loader refused the file
+    weights_only_error: Optional[str] = None   # why torch's plain weights-only load refused the file
 
     def dropped_summary(self) -> List[str]:
         """One line per distinct dropped class, with the places it was found."""
@@ -394,6 +540,28 @@ def _first_line(exc: BaseException) -> str:
     return text[0] if text else type(exc).__name__
 
 
+def _safe_globals_for(path: str, zipped: bool, named: List[Tuple[str, str]]) -> List[Tuple[Any, str]]:
+    """``(object, "module.Name")`` pairs for ``torch.serialization.safe_globals``: this
+    module's allowlist, and a placeholder for every other name torch does not allow."""
+    pairs = [(obj, name) for name, obj in _OWN_ALLOWED.items()]
+    if zipped:
+        unknown = set(torch.serialization.get_unsafe_globals_in_checkpoint(path))
+    else:
+        # get_unsafe_globals_in_checkpoint reads zip files only; the scan saw every name.
+        # Names torch allows itself are looked up in its own table first, so a placeholder
+        # registered for one of them is never used.
+        unknown = {f"{m}.{n}" for m, n in named}
+    for module, name in named:
+        full = f"{module}.{name}"
+        if full in unknown and full not in _OWN_ALLOWED:
+            pairs.append((placeholder_class(module, name), full))
+            unknown.discard(full)
+    # A name torch saw that the scan did not (the scan stops where torch would fail anyway).
+    pairs.extend((placeholder_class(*full.rsplit(".", 1)), full) for full in unknown
+                 if full not in _OWN_ALLOWED and "." in full)
+    return pairs
+
+
 def load_checkpoint(path: str) -> LoadedCheckpoint:
     """Load a checkpoint file without running code from it.
 
@@ -406,40 +574,52 @@ def load_checkpoint(path: str) -> LoadedCheckpoint:
     if not os.path.isfile(path):
         raise UserError(f"checkpoint {path!r} does not exist; pass an existing .ckpt/.pt/.safetensors file")
     if path.endswith(".safetensors"):
-        from safetensors.torch import load_file
         try:
-            return LoadedCheckpoint(path, load_file(path, device="cpu"), "safetensors")
-        except Exception as exc:  # safetensors raises its own error types
-            raise UserError(f"checkpoint {path!r} is not a readable safetensors file "
-                            f"({_first_line(exc)}); re-export it or pass the original .ckpt") from None
-    if zipfile.is_zipfile(path):
-        with zipfile.ZipFile(path) as archive:
-            names = archive.namelist()
-        # torch.load hands TorchScript archives to torch.jit.load: code, not a checkpoint.
-        if any(n.endswith("/constants.pkl") or n == "constants.pkl" for n in names):
-            raise UserError(f"checkpoint {path!r} is a TorchScript archive (it contains code), not a "
-                            "state-dict checkpoint; pass the training .ckpt file instead")
+            return LoadedCheckpoint(path, load_safetensors(path), "safetensors")
+        except UnreadableFile as exc:
+            raise UserError(f"checkpoint {path!r} is not a readable safetensors file ({exc.reason}); re-export it "
+                            "or pass the original .ckpt") from None
     try:
-        data = torch.load(path, map_location="cpu", weights_only=True)
-        return LoadedCheckpoint(path, data, "weights_only")
-    except pickle.UnpicklingError as exc:
-        refused_by_torch = _first_line(exc)
-    except Exception as exc:  # corrupt files raise RuntimeError, EOFError, ...
-        refused_by_torch = _first_line(exc)
-    try:
-        data = torch.load(path, map_location="cpu", weights_only=False,
-                          pickle_module=_restricted_pickle_module())
-    except _Refused as exc:
-        raise UserError(
-            f"checkpoint {path!r} refused: loading it would call "
-            f"{exc.args[0].replace('__builtin__.', 'builtins.')}, which runs code or "
-            "touches files (this is how malicious pickles work); nothing from it was executed. "
-            "Do not use this file; get the checkpoint from a trusted source") from None
-    except Exception as exc:
-        raise UserError(f"checkpoint {path!r} cannot be read ({_first_line(exc)}); check that it is "
+        zipped, named = _guard(path)
+        if zipped and not torch.serialization.get_unsafe_globals_in_checkpoint(path):
+            return LoadedCheckpoint(path, _torch_load(path, zipped), "weights_only")
+        refused_by_torch = None
+        if not zipped:
+            try:
+                return LoadedCheckpoint(path, _torch_load(path, zipped), "weights_only")
+            except Exception as exc:  # noqa: BLE001 - retried below with placeholders
+                refused_by_torch = torch_error_reason(exc)
+        pairs = _safe_globals_for(path, zipped, named)
+        if refused_by_torch is None:
+            refused_by_torch = "unsupported globals " + ", ".join(sorted(n for _, n in pairs
+                                                                         if n not in _OWN_ALLOWED))
+        with torch.serialization.safe_globals(pairs):
+            data = _torch_load(path, zipped)
+    except Refused as exc:
+        if exc.runs_code:
+            raise UserError(
+                f"checkpoint {path!r} refused: loading it would call {exc.reason}, which runs code or "
+                "touches files (this is how malicious pickles work); nothing from it was executed. "
+                "Do not use this file; get the checkpoint from a trusted source") from None
+        if exc.reason.startswith("a TorchScript"):
+            raise UserError(f"checkpoint {path!r} is {exc.reason}; pass the training .ckpt file instead") from None
+        raise UserError(f"checkpoint {path!r} cannot be read ({exc.reason}); check that it is "
+                        "a torch/Lightning checkpoint and was copied completely") from None
+    except Exception as exc:  # noqa: BLE001 - corrupt files raise RuntimeError, EOFError, ...
+        raise UserError(f"checkpoint {path!r} cannot be read ({torch_error_reason(exc)}); check that it is "
                         "a torch/Lightning checkpoint and was copied completely") from None
     return LoadedCheckpoint(path, data, "restricted", dropped=find_placeholders(data),
                             weights_only_error=refused_by_torch)
+
+
+def load_safetensors(path: str) -> Dict[str, torch.Tensor]:
+    """The tensors of a ``.safetensors`` file on the CPU; :class:`UnreadableFile` otherwise."""
+    from safetensors.torch import load_file
+
+    try:
+        return load_file(os.fspath(path), device="cpu")
+    except Exception as exc:  # noqa: BLE001 - safetensors raises its own error types
+        raise UnreadableFile(os.fspath(path), _first_line(exc), objects=False, what="a safetensors file") from None
 
 
 # --------------------------------------------------------------------------------------
@@ -527,14 +707,10 @@ def to_plain(obj: Any, _depth: int = 0) -> Any:
                 to_plain(v, nxt) for k, v in obj.items()}
     if isinstance(obj, (list, tuple)):
         return [to_plain(v, nxt) for v in obj]
-    try:
-        import numpy as np
-        if isinstance(obj, np.generic):
-            return obj.item()
-        if isinstance(obj, np.ndarray):
-            return obj.tolist() if obj.size <= 16 else f"<ndarray {obj.shape} {obj.dtype}>"
-    except ImportError:  # pragma: no cover
-        pass
+    if isinstance(obj, np.generic):
+        return obj.item()
+    if isinstance(obj, np.ndarray):
+        return obj.tolist() if obj.size <= 16 else f"<ndarray {obj.shape} {obj.dtype}>"
     if isinstance(obj, (str, int, float, bool)) or obj is None:
         return obj
     return repr(obj)

@@ -59,6 +59,7 @@ from train.logger import RunLogger
 from train.rank_sync import check_ranks_in_sync
 from train.sides import Side, autocast, each, make_sides
 from train.step_guard import StepGuard
+from train.sources import Source
 
 PRECISIONS = ("fp32", "bf16", "fp16")
 
@@ -133,7 +134,7 @@ class Trainer:
     ``run_dir`` None means "write nothing" (used by tests and the demo's measurements).
     """
 
-    def __init__(self, cfg, data: DataSpec, run_dir: Optional[str], resume: Optional[ckpt.ResumeSource] = None,
+    def __init__(self, cfg, data: DataSpec, run_dir: Optional[str], resume: Optional[Source] = None,
                  device: Optional[torch.device] = None,
                  batch_augmenter: Optional[Callable[[Dict, int], Dict]] = None,
                  use_bar: Optional[bool] = None, time_limit_s: Optional[float] = None):
@@ -177,7 +178,7 @@ class Trainer:
         if t.init_codebook_from_data and resume is None:
             self.codebook_init = init_codebook_from_data(self.model, cfg, data)
         # Dropout / Gumbel noise differ per rank from here on; restored RNG states win on resume.
-        if resume is None or resume.kind != "checkpoint":
+        if resume is None or not resume.train_state:
             seed_everything(t.seed + 1000 * self.rank + self.step)
         self.net = self._wrap_for_ranks(self.model)
 

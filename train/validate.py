@@ -26,8 +26,9 @@ import losses  # noqa: F401  (registers the loss families' implementations)
 from adapters import registry
 from train.config import (Normalized, SECTION_CLASSES, apply_overrides, normalize, type_errors,
                           unknown_keys)
+from train import atomic
 from train.errors import (DELETE, ERROR, INFO, LEVEL_ORDER, WARNING, Finding, UserError, coerce_like,
-                          is_int, is_number, near, type_finding)
+                          is_int, is_number, near)
 
 # Discriminator settings of taming's loss that do nothing when use_gan is false.
 DISC_KEYS = ("disc_start", "disc_weight", "disc_factor", "disc_num_layers", "disc_in_channels", "disc_ndf",
@@ -307,14 +308,8 @@ def fix_document(norm: Normalized, findings: List[Finding]) -> Dict[str, Any]:
 
 
 def write_document(doc: Dict[str, Any], path: str, syntax: str) -> None:
-    tmp = f"{path}.tmp"
-    with open(tmp, "w", encoding="utf-8") as fh:
-        if syntax == "json":
-            json.dump(doc, fh, indent=2)
-            fh.write("\n")
-        else:
-            yaml.safe_dump(doc, fh, sort_keys=False)
-    os.replace(tmp, path)
+    text = json.dumps(doc, indent=2) + "\n" if syntax == "json" else yaml.safe_dump(doc, sort_keys=False)
+    atomic.write_text(path, text)
 
 
 def fix_file(path: str, out_path: str) -> Tuple[List[Finding], List[Finding]]:
