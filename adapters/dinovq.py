@@ -37,7 +37,6 @@ from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple, Union
 
 import torch
 import torch.nn.functional as F
-from timm.models.vision_transformer import Block
 from torch import nn
 
 from adapters.contract import Tokenizer
@@ -85,6 +84,10 @@ class ViTStack(nn.Module):
 
     def __init__(self, num_tokens: int, dim: int, depth: int, num_heads: int, mlp_ratio: float):
         super().__init__()
+        # Imported here: timm pulls in torchvision and torch._dynamo (about 2 s), which every
+        # command that merely reads the registry (validate) would otherwise pay.
+        from timm.models.vision_transformer import Block
+
         self.pos_embed = nn.Parameter(torch.zeros(1, num_tokens, dim))
         nn.init.trunc_normal_(self.pos_embed, std=0.02)
         self.blocks = nn.ModuleList(Block(dim, num_heads, mlp_ratio=mlp_ratio, qkv_bias=True)

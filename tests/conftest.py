@@ -1,5 +1,7 @@
 """Shared test set-up: tiny models, one CPU thread, repo root on sys.path."""
 import os
+import signal
+import subprocess
 import sys
 import types
 
@@ -44,3 +46,25 @@ def import_upstream_vqgan():
 @pytest.fixture(scope="session")
 def upstream_vqgan():
     return import_upstream_vqgan()
+
+
+@pytest.fixture(scope="session")
+def torchrun_jobs(tmp_path_factory):
+    """The suite's one torchrun launch (2 gloo processes, ``tests/dist_worker.py``): every
+    distributed check runs in it; tests read ``<folder>/<job>/`` (see the worker)."""
+    out = tmp_path_factory.mktemp("torchrun")
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=ROOT)
+    # --standalone: torchrun picks a free port itself (parallel test runs do not collide).
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+           os.path.join(ROOT, "tests", "dist_worker.py"), str(out)]
+    proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                            text=True, start_new_session=True)
+    try:
+        output, _ = proc.communicate(timeout=900)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)   # the launcher and both workers
+        output, _ = proc.communicate()
+        pytest.fail("the torchrun jobs timed out:\n" + output[-4000:])
+    if proc.returncode != 0:
+        pytest.fail("the torchrun jobs failed:\n" + output[-6000:])
+    return out

@@ -1,22 +1,10 @@
-"""Worker for the 2-process vqvae2 tests (tests/test_vqvae2.py starts it with torchrun).
-
-    python -m torch.distributed.run --standalone --nproc_per_node=2 tests/dist_vqvae2_worker.py OUT_DIR
-    python -m torch.distributed.run --standalone --nproc_per_node=2 tests/dist_vqvae2_worker.py \
-        fit OUT_DIR CONFIG [fit arguments ...]
-
-Codebook mode: every rank builds the same tiny model (same seed), runs a few training-mode forwards on
-its *own* images, and writes its codebook buffers plus what its local-only statistics
-would have been to OUT_DIR/rank{r}.pt.  Rank 0 also writes the single-process result of
-the same steps on the concatenation of both ranks' images (reference.pt).
-
-Fit mode: every rank runs the real ``python -m train fit`` code path (``train.fit.run``)
-and saves its model and discriminator tensors to OUT_DIR/fit_rank{r}.pt.
-"""
+"""Model and data of the vqvae2 codebook job of tests/dist_worker.py (and of its
+single-process reference in tests/test_vqvae2.py): every rank builds the same tiny model
+(same seed) and runs a few training-mode forwards on its *own* images."""
 import os
 import sys
 
 import torch
-import torch.distributed as dist
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
@@ -55,49 +43,3 @@ def make_model() -> VQVAE2:
 
 def buffers(model: VQVAE2):
     return {k: v.clone() for k, v in model.state_dict().items() if k.startswith(("quantize_t.", "quantize_b."))}
-
-
-def main() -> None:
-    out_dir = sys.argv[1]
-    torch.set_num_threads(1)
-    dist.init_process_group("gloo")
-    rank, world = dist.get_rank(), dist.get_world_size()
-    model = make_model()
-    local_counts = []
-    with torch.no_grad():
-        for step in range(STEPS):
-            x = images(rank, step)
-            _, _, (id_t, id_b) = model(x, return_codes=True)
-            local_counts.append(torch.stack([torch.bincount(i.flatten(), minlength=TINY["n_embed"])
-                                             for i in (id_t, id_b)]))
-    torch.save({"buffers": buffers(model), "local_counts": torch.stack(local_counts)},
-               os.path.join(out_dir, f"rank{rank}.pt"))
-    dist.barrier()
-    dist.destroy_process_group()
-    if rank == 0:
-        # Single process, full batch: what the all-reduced update must equal.
-        ref = make_model()
-        with torch.no_grad():
-            for step in range(STEPS):
-                ref(torch.cat([images(r, step) for r in range(world)]))
-        torch.save({"buffers": buffers(ref)}, os.path.join(out_dir, "reference.pt"))
-
-
-def fit_main() -> int:
-    from train.fit import run
-
-    out_dir, argv = sys.argv[2], sys.argv[3:]
-    code, trainer = run(argv)
-    tensors = {f"model.{k}": v.detach().cpu().clone() for k, v in trainer.model.state_dict().items()}
-    if trainer.disc is not None:
-        tensors.update({f"discriminator.{k}": v.detach().cpu().clone()
-                        for k, v in trainer.disc.module.state_dict().items()})
-    torch.save({"tensors": tensors, "step": trainer.step, "world": trainer.world, "code": code},
-               os.path.join(out_dir, f"fit_rank{int(os.environ.get('RANK', '0'))}.pt"))
-    return code
-
-
-if __name__ == "__main__":
-    if sys.argv[1] == "fit":
-        sys.exit(fit_main())
-    main()

@@ -4,7 +4,6 @@
 """
 import logging
 import os
-import signal
 import subprocess
 import sys
 
@@ -481,29 +480,17 @@ def test_shipped_configs_build():
 # Two real processes: ranks with different data keep identical codebooks
 
 
-def torchrun_worker(*args, timeout=180):
-    """Run tests/dist_vqvae2_worker.py in 2 gloo processes; returns the combined output."""
-    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=ROOT)
-    # --standalone: torchrun picks a free port itself (parallel test runs do not collide).
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
-           os.path.join(ROOT, "tests", "dist_vqvae2_worker.py"), *map(str, args)]
-    proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                            text=True, start_new_session=True)
-    try:
-        output, _ = proc.communicate(timeout=timeout)
-    except subprocess.TimeoutExpired:
-        os.killpg(proc.pid, signal.SIGKILL)   # the launcher and its two workers
-        output, _ = proc.communicate()
-        pytest.fail("torchrun vqvae2 worker timed out:\n" + output[-3000:])
-    assert proc.returncode == 0, output[-3000:]
-    return output
+def test_torchrun_ranks_keep_identical_codebooks(torchrun_jobs):
+    from tests.dist_vqvae2_worker import STEPS, buffers, images, make_model
 
-
-def test_torchrun_ranks_keep_identical_codebooks(tmp_path):
-    torchrun_worker(tmp_path)
-    r0 = torch.load(tmp_path / "rank0.pt")
-    r1 = torch.load(tmp_path / "rank1.pt")
-    ref = torch.load(tmp_path / "reference.pt")
+    r0 = torch.load(torchrun_jobs / "vqvae2_codebooks" / "rank0.pt")
+    r1 = torch.load(torchrun_jobs / "vqvae2_codebooks" / "rank1.pt")
+    # One process on both ranks' batches: what the all-reduced update must equal.
+    ref = make_model()
+    with torch.no_grad():
+        for step in range(STEPS):
+            ref(torch.cat([images(r, step) for r in range(2)]))
+    ref = {"buffers": buffers(ref)}
     # The ranks saw different data ...
     assert not torch.equal(r0["local_counts"], r1["local_counts"])
     for key, value in r0["buffers"].items():
@@ -562,15 +549,13 @@ def test_fit_resume_continues_exactly(tmp_path):
         assert torch.equal(a[key], b[key]), key
 
 
-def test_torchrun_fit_keeps_ranks_identical(tmp_path):
-    # The real trainer under DDP: different images per rank, GAN on from step 1.
-    run = tmp_path / "run"
-    torchrun_worker("fit", tmp_path, os.path.join(ROOT, "configs", "vqvae2_tiny.json"), "--data", "builtin",
-                    "--out", run, "--max-steps", "3", "--no-bar", "train.batch_size=2")
-    r0, r1 = torch.load(tmp_path / "fit_rank0.pt"), torch.load(tmp_path / "fit_rank1.pt")
+def test_torchrun_fit_keeps_ranks_identical(torchrun_jobs):
+    # The real trainer under DDP: different images per rank, GAN on from step 0.
+    folder = torchrun_jobs / "fit-vqvae2"
+    r0, r1 = torch.load(folder / "rank0.pt"), torch.load(folder / "rank1.pt")
     assert r0["world"] == r1["world"] == 2 and r0["step"] == r1["step"] == 3 and r0["code"] == 0
     assert any(k.startswith("discriminator.") for k in r0["tensors"])
     assert [k for k, v in r0["tensors"].items() if not torch.equal(v, r1["tensors"][k])] == []
     cluster = r0["tensors"]["model.quantize_b.cluster_size"]
     assert not torch.allclose(cluster, torch.ones_like(cluster))   # the EMA really ran
-    assert (run / "checkpoints" / "last.ckpt").is_file()
+    assert (folder / "run" / "checkpoints" / "last.ckpt").is_file()

@@ -56,13 +56,7 @@ def main(argv: Optional[List[str]] = None) -> int:
         hint = f" Did you mean {near[0]!r}?" if near else ""
         print(f"error: unknown command {name!r}.{hint} Commands: {', '.join(COMMANDS)}", file=sys.stderr)
         return 2
-    try:
-        module = importlib.import_module(COMMANDS[name][0])
-    except ModuleNotFoundError as exc:
-        if exc.name == COMMANDS[name][0]:
-            print(f"error: command {name!r} is not available in this version", file=sys.stderr)
-            return 2
-        raise
+    module = importlib.import_module(COMMANDS[name][0])
     try:
         return int(module.cli_main(rest) or 0)
     except UserError as exc:

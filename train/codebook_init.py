@@ -33,10 +33,7 @@ def init_codebook_from_data(model: nn.Module, cfg, data: DataSpec) -> Dict[str, 
     where GPU kernels are not bit-deterministic.  Returns what the run header reports:
     ``{"crops", "vectors" (per codebook), "codes" (per codebook)}``.
     """
-    init = getattr(model, "init_codebook_from_data", None)
-    if init is None:
-        raise UserError(f"train.init_codebook_from_data: model_type {cfg.model_type} has no EMA codebook "
-                        "to start from data; set train.init_codebook_from_data=false")
+    init = model.init_codebook_from_data     # the contract's default refuses models without EMA codebooks
     if (cfg.model_args or {}).get("ckpt_path"):
         raise UserError("train.init_codebook_from_data would replace the codebook loaded from "
                         "model_args.ckpt_path; set train.init_codebook_from_data=false to keep it")

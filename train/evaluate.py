@@ -59,7 +59,7 @@ from train import atomic
 from train.cli import CommandParser, positive_int
 from train.checkpoint import LAST_WEIGHTS
 from train.errors import UserError
-from train.usage import codebook_stats
+from train.usage import add_codes_, codebook_stats
 from train.sources import Source, locate, read_state
 
 # Crops of the built-in photographs when --num-images is not given (the demo's count).
@@ -126,9 +126,9 @@ def load_source(source: Source, overrides: Sequence[str] = ()) -> Tuple[Any, Dic
     # migrated folder is built from its config.yaml.
     text = state.get("config") if source.kind == "checkpoint" or source.config_path is None else None
     if text:
-        cfg = load_stored_config(text, f"{source.weights} (stored config)", overrides).cfg
+        cfg = load_stored_config(text, f"{source.weights} (stored config)", overrides, scope="model").cfg
     elif source.config_path is not None:
-        cfg = load_run_config(source.config_path, overrides).cfg
+        cfg = load_run_config(source.config_path, overrides, scope="model").cfg
     else:
         raise UserError(f"eval: {source.weights} holds no config and no config.yaml is next to it; "
                         "name the run folder instead")
@@ -307,10 +307,7 @@ def run_model(model, batches: Iterable[Dict[str, torch.Tensor]], device: torch.d
                 if lpips is not None:
                     sums["lpips"] += float(lpips(x.float(), xrec.clamp(-1, 1)).double().sum())
                 for c, idx in zip(counts, codes):
-                    idx = idx.reshape(-1).long().cpu()
-                    inside = (idx >= 0) & (idx < c.numel())
-                    out_of_range += int((~inside).sum())   # e.g. remap's "extra" unknown index
-                    c += torch.bincount(idx[inside], minlength=c.numel()).double()
+                    out_of_range += add_codes_(c, idx.long().cpu())   # e.g. remap's "extra" unknown index
                 n_images += x.shape[0]
     finally:
         model.train(was_training)

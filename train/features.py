@@ -115,7 +115,7 @@ def cli_main(argv: Sequence[str]) -> int:
                         help="precision of the stored features (default fp16)")
     args = parser.parse_intermixed_args(list(argv))
 
-    cfg = load_run_config(args.config, args.overrides).cfg
+    cfg = load_run_config(args.config, args.overrides, scope="model").cfg
     if get_model_type(cfg.model_type).batch_hook is None:
         raise UserError(f"{args.config}: extract-features caches teacher features for model types "
                         f"distilled from a teacher (DinoVQ); model_type {cfg.model_type!r} has none")

@@ -108,7 +108,7 @@ def _short(value: Any, limit: int = 80) -> str:
 
 def render_markdown(report: Report) -> str:
     r = report
-    lines = [f"# Migration report", "",
+    lines = ["# Migration report", "",
              f"- config: `{r.config_path}` ({r.config.get('format', '?')})",
              f"- checkpoint: `{r.checkpoint_path}`" if r.checkpoint_path else "- checkpoint: none (config only)",
              f"- output: `{r.out_dir}`", "",
@@ -406,8 +406,7 @@ def _trainer_optimizers(cfg, model: nn.Module, disc: Optional[nn.Module]):
     """Fresh optimizers built by the trainer's own function (``train.optimizer.build_optimizer``):
     one over ``model.generator_parameters()`` and one over the discriminator, none when
     ``use_gan`` is false, so the carried state dicts have the trainer's groups and order."""
-    gen_params = list(model.generator_parameters()) if hasattr(model, "generator_parameters") \
-        else [p for p in model.parameters() if p.requires_grad]
+    gen_params = list(model.generator_parameters())
     t = cfg.train
     # The trainer resets lr to the configured one after loading, so any positive value works.
     lr = float(t.learning_rate or t.base_learning_rate or 1e-4)

@@ -30,11 +30,18 @@ class RunConfig:
     origin: str = ""
 
 
-def _checked(norm: Normalized, overrides: Sequence[str], origin: str, fix_hint: Optional[str]) -> RunConfig:
+# What a command builds decides which findings stop it: ``eval``, ``encode`` and ``decode``
+# build the model only, so a loss or training setting they never use does not stop them.
+SCOPES = {"train": None, "model": ("model_type", "model_variant", "model_args", "data")}
+
+
+def _checked(norm: Normalized, overrides: Sequence[str], origin: str, fix_hint: Optional[str],
+             scope: str = "train") -> RunConfig:
     if overrides:
         norm.data = apply_overrides(norm.data, overrides)
     findings = collect(norm)
-    errors = [f for f in findings if f.level == ERROR]
+    heads = SCOPES[scope]
+    errors = [f for f in findings if f.level == ERROR and (heads is None or f.path.split(".")[0] in heads)]
     if errors:
         lines = "; ".join(f"{f.path}: {f.message} (fix: {f.fix})" for f in errors)
         hint = f". {fix_hint}" if fix_hint else ""
@@ -42,24 +49,27 @@ def _checked(norm: Normalized, overrides: Sequence[str], origin: str, fix_hint: 
     return RunConfig(to_structured(canonicalize(norm.data)), findings, origin)
 
 
-def load_run_config(path: str, overrides: Sequence[str] = ()) -> RunConfig:
+def load_run_config(path: str, overrides: Sequence[str] = (), scope: str = "train") -> RunConfig:
     """A config file + ``key=value`` overrides -> a checked, typed config.
+
+    ``scope="model"`` (commands that only build the model) stops on model and data errors
+    only; every finding is still returned.
 
     Unusable files raise ``ConfigFileError``; any validation error raises ``UserError``
     (exit 2) listing each error and its fix, e.g. the ``vqvae2`` + ``EMAVQ`` mismatch,
     instead of training the wrong model.
     """
     return _checked(normalize(path), overrides, path,
-                    f"`python -m train validate {path} --fix OUT` writes a corrected copy")
+                    f"`python -m train validate {path} --fix OUT` writes a corrected copy", scope)
 
 
-def load_stored_config(text: str, origin: str, overrides: Sequence[str] = ()) -> RunConfig:
+def load_stored_config(text: str, origin: str, overrides: Sequence[str] = (), scope: str = "train") -> RunConfig:
     """The resolved config a run recorded (YAML text) + overrides -> a checked, typed config."""
     try:
         doc: Any = yaml.safe_load(text)
     except yaml.YAMLError as exc:
         raise UserError(f"{origin}: the stored config is not readable YAML ({str(exc).splitlines()[0]})") from None
-    return _checked(normalize_document(doc, origin, keep_source=True), overrides, origin, None)
+    return _checked(normalize_document(doc, origin, keep_source=True), overrides, origin, None, scope)
 
 
 __all__ = ["RunConfig", "load_run_config", "load_stored_config"]

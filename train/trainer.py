@@ -34,7 +34,6 @@ first, so no rank waits forever.
 from __future__ import annotations
 
 import contextlib
-import math
 import os
 import time
 from dataclasses import dataclass
@@ -54,14 +53,14 @@ from train.checkpoint import seed_everything
 from train.codebook_init import init_codebook_from_data
 from train.config import save_config
 from train.data import DataSpec, make_loader, steps_for_epochs
-from train.errors import TrainingStopped, UserError
+from train.errors import TrainingStopped, UserError, raise_for_errors
 from train.logger import RunLogger
 from train.rank_sync import check_ranks_in_sync
 from train.sides import Side, autocast, each, make_sides
 from train.step_guard import StepGuard
+from train.validate import train_value_findings
 from train.sources import Source
 
-PRECISIONS = ("fp32", "bf16", "fp16")
 
 
 @dataclass
@@ -97,33 +96,11 @@ def learning_rate(cfg, world_size: int):
 
 
 def check_train_options(cfg, device: torch.device) -> None:
-    t = cfg.train
-    if t.precision not in PRECISIONS:
-        raise UserError(f"train.precision {t.precision!r} is unknown; valid choices: {', '.join(PRECISIONS)}")
-    if t.precision == "fp16" and device.type != "cuda":
+    """The train-value rules ``validate`` runs, plus what only the device can tell."""
+    raise_for_errors(train_value_findings(cfg), "train")
+    if cfg.train.precision == "fp16" and device.type != "cuda":
         raise UserError("train.precision fp16 needs a GPU (its grad scaler is CUDA-only); "
                         "use train.precision=bf16 or fp32 on CPU")
-    for name in ("batch_size", "accumulate_grad_batches", "log_every", "image_every", "ckpt_every",
-                 "max_bad_steps"):
-        if getattr(t, name) < 1:
-            raise UserError(f"train.{name} must be >= 1, got {getattr(t, name)}")
-    if t.max_steps is not None and t.max_steps < 0:
-        raise UserError(f"train.max_steps must be >= 0, got {t.max_steps}")
-    if t.grad_clip is not None and not (0 < t.grad_clip < math.inf):
-        raise UserError(f"train.grad_clip must be a finite number > 0 (or null for no clipping), got {t.grad_clip}")
-    for name in ("learning_rate", "base_learning_rate"):
-        value = getattr(t, name)
-        if value is not None and not (0 < value < math.inf):
-            raise UserError(f"train.{name} must be a finite number > 0, got {value}")
-    if not (0 <= t.weight_decay < math.inf):
-        raise UserError(f"train.weight_decay must be a finite number >= 0, got {t.weight_decay}")
-    for name in ("seed", "num_workers"):
-        if getattr(t, name) < 0:
-            raise UserError(f"train.{name} must be >= 0, got {getattr(t, name)}")
-    if len(t.adam_betas) != 2 or not all(0 <= b < 1 for b in t.adam_betas):
-        raise UserError(f"train.adam_betas must be two numbers in [0, 1), got {list(t.adam_betas)}")
-    if cfg.data.image_size < 8:
-        raise UserError(f"data.image_size must be >= 8 pixels, got {cfg.data.image_size}")
 
 
 # ----------------------------------------------------------------------------------------

@@ -27,8 +27,12 @@ from adapters import registry
 from train.config import (Normalized, SECTION_CLASSES, apply_overrides, normalize, type_errors,
                           unknown_keys)
 from train import atomic
+from train.schema import config_data
 from train.errors import (DELETE, ERROR, INFO, LEVEL_ORDER, WARNING, Finding, UserError, coerce_like,
                           is_int, is_number, near)
+
+# Numeric precisions the trainer runs (fp16 also needs a GPU: checked where the device is known).
+PRECISIONS = ("fp32", "bf16", "fp16")
 
 # Discriminator settings of taming's loss that do nothing when use_gan is false.
 DISC_KEYS = ("disc_start", "disc_weight", "disc_factor", "disc_num_layers", "disc_in_channels", "disc_ndf",
@@ -200,6 +204,46 @@ def rule_train_values(data: Dict[str, Any], out: List[Finding]) -> None:
         value = train.get(key)
         if is_int(value) and value < 0:
             bad(key, "it must be >= 0", f"write a {key} >= 0")
+    for key in ("batch_size", "accumulate_grad_batches", "log_every", "image_every", "ckpt_every",
+                "max_bad_steps", "disc_update_every"):
+        value = train.get(key)
+        if is_int(value) and value < 1:
+            bad(key, f"train.{key} must be >= 1", f"write a {key} >= 1")
+    value = train.get("max_steps")
+    if is_int(value) and value < 0:
+        bad("max_steps", "train.max_steps must be >= 0", "write a max_steps >= 0, or null (until stopped)")
+    precision = train.get("precision")
+    if isinstance(precision, str) and precision not in PRECISIONS:
+        close = near(precision, PRECISIONS)
+        bad("precision", f"train.precision {precision!r} is unknown; valid choices: {', '.join(PRECISIONS)}",
+            f"write precision: {close or 'fp32'}")
+    betas = train.get("adam_betas")
+    if isinstance(betas, (list, tuple)) and not (len(betas) == 2 and all(
+            number_in(b) is not None and 0 <= number_in(b) < 1 for b in betas)):
+        bad("adam_betas", f"train.adam_betas must be two numbers in [0, 1), got {list(betas)}",
+            "write e.g. adam_betas: [0.5, 0.9] (taming's)")
+    size = (data.get("data") or {}).get("image_size") if isinstance(data.get("data"), dict) else None
+    if is_int(size) and size < 8:
+        out.append(Finding(ERROR, "data.image_size", "bad_value",
+                           f"data.image_size is {size}: data.image_size must be >= 8 pixels",
+                           "write an image_size of at least 8 (e.g. 256)", [("data.image_size", DELETE)]))
+
+
+def number_in(value) -> Optional[float]:
+    """A number, or text that reads as one (YAML's "1e-4"), as a float; else None."""
+    if isinstance(value, str):
+        try:
+            return float(value)
+        except ValueError:
+            return None
+    return float(value) if is_number(value) else None
+
+
+def train_value_findings(cfg) -> List[Finding]:
+    """:func:`rule_train_values` on a typed config (the trainer runs the same rules)."""
+    out: List[Finding] = []
+    rule_train_values(config_data(cfg), out)
+    return out
 
 
 def rule_codebook_init(data: Dict[str, Any], spec, variant: Optional[str], out: List[Finding]) -> None:

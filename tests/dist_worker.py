@@ -1,0 +1,152 @@
+"""The one torchrun launch of the test suite: every distributed check in two gloo processes.
+
+    python -m torch.distributed.run --standalone --nproc_per_node=2 tests/dist_worker.py OUT_DIR
+
+Starting torch twice per check cost the suite minutes, so ``tests/conftest.py`` launches
+this once per session (fixture ``torchrun_jobs``) and the tests read what each job left in
+``OUT_DIR/<job>/``:
+
+* ``fit-<model type>`` for every registered model type: the real ``python -m train fit``
+  code path (``train.fit.run``) on the type's tiny config with the GAN on from step 0,
+  3 steps; each rank writes ``rank{r}.pt`` (its model and discriminator tensors, sha256
+  digests, its first sample numbers) and ``rank{r}.log`` (what it printed);
+* ``codebook_init``: the same with ``train.init_codebook_from_data`` on a 64-code EMAVQ;
+* ``ema``: the EMA quantizer alone and inside a DDP model, on different data per rank;
+* ``vqvae2_codebooks``: vqvae2's two EMA codebooks on different data per rank.
+"""
+import contextlib
+import hashlib
+import json
+import os
+import sys
+
+import torch
+import torch.distributed as dist
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+if ROOT not in sys.path:
+    sys.path.insert(0, ROOT)
+
+import yaml  # noqa: E402
+
+from adapters import registry  # noqa: E402
+from train.data import StepBatchSampler  # noqa: E402
+from train.fit import run  # noqa: E402
+
+
+def digest(tensors):
+    return {k: hashlib.sha256(v.detach().cpu().contiguous().view(-1).view(torch.uint8).numpy().tobytes()).hexdigest()
+            for k, v in tensors.items()}
+
+
+def fit_job(folder: str, config: str, *argv: str) -> None:
+    """``python -m train fit CONFIG --out folder/run ...`` on this rank; records its tensors."""
+    rank = dist.get_rank()
+    with open(os.path.join(folder, f"rank{rank}.log"), "w") as log, \
+            contextlib.redirect_stdout(log), contextlib.redirect_stderr(log):
+        code, trainer = run([config, "--data", "builtin", "--out", os.path.join(folder, "run"), "--no-bar", *argv])
+    tensors = {f"model.{k}": v.detach().cpu().clone() for k, v in trainer.model.state_dict().items()}
+    if trainer.disc is not None:
+        tensors.update({f"discriminator.{k}": v.detach().cpu().clone()
+                        for k, v in trainer.disc.module.state_dict().items()})
+    sampler = StepBatchSampler(trainer.cfg.train.batch_size, trainer.cfg.train.accumulate_grad_batches,
+                               trainer.world, trainer.rank)
+    torch.save({"code": code, "world": trainer.world, "step": trainer.step, "tensors": tensors,
+                "digest": digest(tensors), "first_samples": next(iter(sampler))},
+               os.path.join(folder, f"rank{rank}.pt"))
+
+
+def fit_every_model_type(out_dir: str) -> None:
+    for name in registry.list_model_types():
+        folder = os.path.join(out_dir, f"fit-{name}")
+        os.makedirs(folder, exist_ok=True)
+        config = os.path.join(folder, "tiny.yaml")
+        if dist.get_rank() == 0:
+            data = registry.get_model_type(name).tiny_config()
+            data.setdefault("train", {}).update(use_gan=True, log_every=1, ckpt_every=2, image_every=1000)
+            with open(config, "w") as fh:
+                yaml.safe_dump(data, fh)
+        dist.barrier()
+        fit_job(folder, config, "--max-steps", "3")
+        dist.barrier()
+
+
+def codebook_init_job(out_dir: str) -> None:
+    from tests.test_fit import tiny_config
+
+    folder = os.path.join(out_dir, "codebook_init")
+    os.makedirs(folder, exist_ok=True)
+    config = tiny_config(folder, use_gan=False) if dist.get_rank() == 0 else os.path.join(folder, "tiny.json")
+    dist.barrier()
+    fit_job(folder, config, "--max-steps", "2", "train.init_codebook_from_data=true")
+    dist.barrier()
+
+
+def ema_job(out_dir: str) -> None:
+    from torch.nn.parallel import DistributedDataParallel as DDP
+
+    from adapters import build_model
+    from tests.dist_ema_worker import make_data, make_quantizer, run_updates
+    from train.schema import make_config
+
+    folder = os.path.join(out_dir, "ema")
+    os.makedirs(folder, exist_ok=True)
+    rank = dist.get_rank()
+    data = make_data(rank)
+    q = make_quantizer()
+    run_updates(q, data)
+    ddconfig = dict(double_z=False, z_channels=8, resolution=32, in_channels=3, out_ch=3, ch=32,
+                    ch_mult=[1, 2], num_res_blocks=1, attn_resolutions=[], dropout=0.0)
+    torch.manual_seed(0)
+    model = build_model(make_config(model_type="TamingVQGAN", model_variant="EMAVQ",
+                                    model_args=dict(ddconfig=ddconfig, n_embed=32, embed_dim=8)))
+    # broadcast_buffers=False: only the quantizer's own all-reduce can keep the codebooks equal.
+    ddp = DDP(model, broadcast_buffers=False)
+    opt = torch.optim.Adam(model.generator_parameters(), lr=1e-3)
+    gen = torch.Generator().manual_seed(7 + rank)
+    for _ in range(2):
+        x = torch.rand(2, 3, 32, 32, generator=gen) * 2 - 1 + 0.5 * rank
+        xrec, qloss = ddp(x)
+        loss = (x - xrec).abs().mean() + qloss
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    torch.save({"data": data, "quantizer": q.state_dict(), "model_codebook": model.quantize.state_dict()},
+               os.path.join(folder, f"rank{rank}.pt"))
+    dist.barrier()
+
+
+def vqvae2_codebooks_job(out_dir: str) -> None:
+    from tests.dist_vqvae2_worker import STEPS, TINY, buffers, images, make_model
+
+    folder = os.path.join(out_dir, "vqvae2_codebooks")
+    os.makedirs(folder, exist_ok=True)
+    rank = dist.get_rank()
+    model = make_model()
+    local_counts = []
+    with torch.no_grad():
+        for step in range(STEPS):
+            _, _, (id_t, id_b) = model(images(rank, step), return_codes=True)
+            local_counts.append(torch.stack([torch.bincount(i.flatten(), minlength=TINY["n_embed"])
+                                             for i in (id_t, id_b)]))
+    torch.save({"buffers": buffers(model), "local_counts": torch.stack(local_counts)},
+               os.path.join(folder, f"rank{rank}.pt"))
+    dist.barrier()
+
+
+def main(out_dir: str) -> None:
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo")
+    done = {}
+    for job in (ema_job, vqvae2_codebooks_job, fit_every_model_type, codebook_init_job):
+        job(out_dir)
+        done[job.__name__] = True
+    if dist.get_rank() == 0:
+        with open(os.path.join(out_dir, "done.json"), "w") as fh:
+            json.dump(done, fh)
+    dist.barrier()
+    dist.destroy_process_group()
+
+
+if __name__ == "__main__":
+    main(sys.argv[1])
