@@ -39,6 +39,14 @@ that hold the cases, each tested in ``tests/test_safe_load.py``):
   object field whose "holds objects" flag is cleared reads file bytes as object pointers.
 * **A refusal of TorchScript archives** (``constants.pkl`` inside): they hold code, and torch
   would hand them to ``torch.jit.load``.
+* **Bounds on what a file can make this process allocate** (the *Limits* block below, each
+  tested in ``tests/test_hostile_checkpoints.py`` under an address-space cap): declared zip
+  inflation, pickle size and opcode count before torch reads anything; after loading,
+  :func:`check_loaded` refuses tensors whose shapes cover far more bytes than their
+  storages (an expanded stride-0 tensor) and dtypes that BUILD rewrote.  numpy arrays and
+  scalars are rebuilt by checked stand-ins (:class:`_CheckedArray`) that check the dtype
+  *after* BUILD and require the data to match the shape.  :func:`to_plain` converts each
+  shared object once, with a size budget.
 
 Known limit of torch's unpickler that stays: an unknown ``dict`` / ``list`` subclass filled
 by SETITEMS / APPENDS cannot be a placeholder (torch only fills exact dicts and lists), so
@@ -62,6 +70,11 @@ import torch
 from torch._utils import IMPORT_MAPPING, NAME_MAPPING
 
 from train.errors import UserError
+
+try:
+    from numpy._core import multiarray as _multiarray
+except ImportError:  # numpy 1.x
+    from numpy.core import multiarray as _multiarray
 
 # --------------------------------------------------------------------------------------
 # Placeholders: what an unknown class becomes.
@@ -208,28 +221,110 @@ def _plain_numpy_dtype(*args):
     return dtype
 
 
+def _checked_dtype(dtype: Any) -> np.dtype:
+    """A fresh, canonical dtype equal to ``dtype``, or UnpicklingError.
+
+    :func:`_plain_numpy_dtype` sees a dtype *before* pickle's BUILD hands it a state, and
+    numpy applies that state to any dtype that is not a builtin singleton: a copied
+    ``np.dtype('O', False, True)`` (every honest pickle asks for a copy) or ``'>f8'`` can be
+    given an object field and cleared flags after the check, and numpy then reads file
+    bytes as object pointers (a segfault).  So the dtype is checked again where an array or
+    scalar is built from it: it must equal the canonical dtype of its type and byte order in
+    every property BUILD can change, and the canonical one is what numpy gets.
+    """
+    if not isinstance(dtype, np.dtype):
+        raise pickle.UnpicklingError(f"numpy array or scalar with dtype {type(dtype).__name__}, not a numpy dtype")
+    order = dtype.byteorder if dtype.byteorder in "<>" else "="
+    try:
+        canon = np.dtype(dtype.type).newbyteorder(order)
+    except TypeError:
+        canon = None
+    if canon is None or canon.kind not in _PLAIN_DTYPE_KINDS or dtype.fields is not None or \
+            dtype.subdtype is not None or dtype.names is not None or \
+            (dtype.itemsize, dtype.alignment, dtype.flags, dtype.hasobject) != \
+            (canon.itemsize, canon.alignment, canon.flags, canon.hasobject):
+        raise pickle.UnpicklingError(
+            f"numpy dtype {dtype!r} was rewritten by the pickle (fields, flags or sizes that no "
+            "numeric or object dtype has): a forged dtype, not loaded")
+    return canon
+
+
+class _CheckedArray(np.ndarray):
+    """The ndarray a checkpoint pickle gets: its ``__setstate__`` (pickle's BUILD) checks the
+    state before numpy's own runs.
+
+    numpy's ``ndarray.__setstate__`` trusts the state: a forged dtype makes it read bytes as
+    object pointers, and a shape of 2*10^8 with a one-item list makes it allocate 1.6 GB and
+    read past the list (a segfault).  Here the dtype must pass :func:`_checked_dtype`, and
+    the data must be exactly what the shape needs (a list of that many objects, or that many
+    bytes), so an array never holds more than the file carried.  Calling the class itself
+    (``numpy.ndarray(shape)`` from a pickle) would allocate any size: refused.  Instances
+    behave as ndarrays and pickle as plain ones.
+    """
+
+    def __new__(cls, *args, **kwargs):
+        raise pickle.UnpicklingError("numpy.ndarray(...) called by the pickle (a size-taking constructor); "
+                                     "numpy pickles never do that")
+
+    def __setstate__(self, state):
+        if not isinstance(state, tuple) or len(state) not in (4, 5):
+            raise pickle.UnpicklingError("numpy array state is not numpy's (version, shape, dtype, order, data)")
+        version = state[:-4]
+        shape, dtype, fortran, data = state[-4:]
+        if not isinstance(shape, tuple) or not all(type(n) is int and n >= 0 for n in shape):
+            raise pickle.UnpicklingError(f"numpy array shape {shape!r} is not a tuple of sizes")
+        dtype = _checked_dtype(dtype)
+        count = 1
+        for n in shape:
+            count *= n
+        if dtype.hasobject:
+            ok = isinstance(data, list) and len(data) == count
+        else:
+            ok = isinstance(data, (bytes, bytearray)) and len(data) == count * dtype.itemsize
+        if not ok:
+            have = f"{len(data)} items" if isinstance(data, (list, bytes, bytearray)) else type(data).__name__
+            raise pickle.UnpicklingError(f"numpy array of shape {shape} ({dtype}) comes with {have} of data: "
+                                         "the shape claims more than the file holds")
+        np.ndarray.__setstate__(self, version + (shape, dtype, bool(fortran), data))
+
+    def __reduce__(self):
+        return self.view(np.ndarray).__reduce__()
+
+    def __repr__(self):
+        return repr(self.view(np.ndarray))
+
+
+def _checked_reconstruct(subtype, shape=(0,), typecode=b"b"):
+    """numpy's ``_reconstruct(ndarray, (0,), b'b')``: an empty array that BUILD then fills
+    (always empty here: the size comes from the checked state, never from these args)."""
+    if subtype is not _CheckedArray:
+        raise pickle.UnpicklingError(f"numpy _reconstruct of {subtype!r}: only numpy.ndarray is rebuilt")
+    return np.ndarray.__new__(_CheckedArray, (0,), "b")
+
+
+def _checked_scalar(dtype, *args):
+    """numpy's ``scalar(dtype, data)`` with the dtype checked after BUILD (:func:`_checked_dtype`)."""
+    return _multiarray.scalar(_checked_dtype(dtype), *args)
+
+
 def _own_allowlist() -> Dict[str, Any]:
     """Globals torch does not allow by default that checkpoints legitimately hold, by the
     name a pickle uses for them."""
-    try:
-        from numpy._core import multiarray
-    except ImportError:  # numpy 1.x
-        from numpy.core import multiarray
     allowed: Dict[str, Any] = {
         "collections.defaultdict": _defaultdict_as_dict,
         "datetime.datetime": datetime.datetime,
         "datetime.date": datetime.date,
         "datetime.timedelta": datetime.timedelta,
-        # scalar(dtype, bytes) and _reconstruct + ndarray.__setstate__ only copy bytes; every
-        # dtype they see went through _plain_numpy_dtype.
-        "numpy.ndarray": np.ndarray,
+        # Arrays and scalars are rebuilt by the checked stand-ins below: a dtype is checked
+        # again where it is used, after pickle's BUILD had its say (see _checked_dtype).
+        "numpy.ndarray": _CheckedArray,
         "numpy.dtype": _plain_numpy_dtype,
     }
     for builtin in (frozenset, slice, int, float, bool, str, list, tuple, dict, bytes):
         allowed[f"builtins.{builtin.__name__}"] = builtin
     for mod in ("numpy.core.multiarray", "numpy._core.multiarray"):
-        allowed[f"{mod}.scalar"] = multiarray.scalar
-        allowed[f"{mod}._reconstruct"] = multiarray._reconstruct
+        allowed[f"{mod}.scalar"] = _checked_scalar
+        allowed[f"{mod}._reconstruct"] = _checked_reconstruct
     # The dtype classes are what BUILD sees (torch only builds instances of allowed types).
     for dtype_cls in ("Float64DType", "Float32DType", "Float16DType", "Int64DType", "Int32DType",
                       "Int16DType", "Int8DType", "UInt8DType", "BoolDType", "ObjectDType",
@@ -246,10 +341,11 @@ _OWN_ALLOWED = _own_allowlist()
 class Refused(pickle.UnpicklingError):
     """The static scan found a global or a call that no honest checkpoint holds."""
 
-    def __init__(self, reason: str, runs_code: bool):
+    def __init__(self, reason: str, runs_code: bool, fix: Optional[str] = None):
         super().__init__(reason)
         self.reason = reason
         self.runs_code = runs_code
+        self.fix = fix or "check that it is a torch/Lightning checkpoint and was copied completely"
 
 
 def resolve_global(module: str, name: str) -> Any:
@@ -291,6 +387,28 @@ def _mapped(module: str, name: str) -> Tuple[str, str]:
 
 
 # --------------------------------------------------------------------------------------
+# Limits: how much a checkpoint file can make this process allocate.  An honest file needs
+# far less than each; a crafted one is refused before the allocation, with the limit named.
+
+# Bytes of one object pickle (a zip checkpoint's data.pkl, or a legacy file's): it holds the
+# structure and small values; tensors are separate records (a 7 GB Lightning file: ~1 MB).
+MAX_PICKLE_BYTES = 256 << 20
+# Opcodes one pickle may run.  Each builds at most one Python object (tens of bytes), so this
+# bounds what unpickling allocates to a few hundred MB; a large Lightning checkpoint runs ~10^5.
+MAX_PICKLE_OPS = 4_000_000
+# Compressed zip records (torch.save writes them stored, so only an archiver or a zip bomb
+# compresses them): together they may declare at most INFLATE_RATIO x the file's size, or
+# INFLATE_FLOOR bytes, whichever is larger.  Deflate reaches 1032:1, weights about 1.1:1.
+INFLATE_RATIO = 8
+INFLATE_FLOOR = 64 << 20
+# Tensors: the bytes their shapes cover (numel x element size, what a clone or a save
+# allocates) may exceed the bytes of their distinct storages (stride-0 / overlapping views,
+# weights tied into several entries) by this factor plus this many bytes, no more.
+TENSOR_VIEW_FACTOR = 4
+TENSOR_EXPANSION_BYTES = 64 << 20
+
+
+# --------------------------------------------------------------------------------------
 # The static scan.
 
 _INT_OPS = {"INT", "BININT", "BININT1", "BININT2", "LONG", "LONG1", "LONG4"}
@@ -307,20 +425,25 @@ class _Int(int):
     """An integer on the scan's symbolic stack."""
 
 
-def scan_pickle(stream: io.BufferedIOBase) -> List[Tuple[str, str]]:
+def scan_pickle(stream: io.BufferedIOBase, max_ops: int = MAX_PICKLE_OPS) -> List[Tuple[str, str]]:
     """The globals one pickle in ``stream`` names, as ``(module, name)`` in file order.
 
     A symbolic run of pickle's stack machine that keeps only globals, integers and tuples,
     enough to see which global each REDUCE / NEWOBJ calls and with which top-level
-    arguments.  Raises :class:`Refused` for a code-running global or a size-taking
-    constructor called with an integer; ``ValueError`` where the bytes are not a pickle
-    (torch's reader then gives its own reason).
+    arguments.  Raises :class:`Refused` for a code-running global, a size-taking
+    constructor called with an integer, or more than ``max_ops`` opcodes (the objects
+    unpickling would build); ``ValueError`` where the bytes are not a pickle (torch's reader
+    then gives its own reason).
     """
     found: List[Tuple[str, str]] = []
     stack: List[Any] = []
     marks: List[int] = []
     memo: Dict[Any, Any] = {}
-    for op, arg, _pos in pickletools.genops(stream):
+    for count, (op, arg, _pos) in enumerate(pickletools.genops(stream)):
+        if count >= max_ops:
+            raise Refused(f"its pickle runs more than {max_ops} opcodes (MAX_PICKLE_OPS), each building an "
+                          "object: an object bomb, not a checkpoint (tensors are stored outside the pickle)",
+                          runs_code=False)
         kind = op.name
         if kind == "MARK":
             marks.append(len(stack))
@@ -390,8 +513,6 @@ def _check_call(func: Any, args: tuple) -> None:
                       "(a memory bomb, not a checkpoint)", runs_code=False)
 
 
-# The object pickle of a zip checkpoint (data.pkl) holds structure and small values only.
-MAX_PICKLE_BYTES = 1 << 30
 
 
 def _pickle_streams(path: str) -> Iterator[io.BufferedIOBase]:
@@ -467,7 +588,85 @@ def torch_error_reason(exc: BaseException) -> str:
 def _torch_load(path: str, zipped: bool) -> Any:
     # mmap: tensors are read when used (a 528 MB vgg16 file of which LPIPS needs 59 MB);
     # only zip files (torch >= 1.6) can be mapped.
-    return torch.load(path, map_location="cpu", weights_only=True, mmap=zipped)
+    data = torch.load(path, map_location="cpu", weights_only=True, mmap=zipped)
+    check_loaded(data)
+    return data
+
+
+def _objects(root: Any) -> Iterator[Any]:
+    """Every object reachable from ``root`` through containers and placeholders' records,
+    each once (by identity: shared and cyclic references are walked once; iterative, since a
+    crafted file nests deeper than the recursion limit)."""
+    stack = [root]
+    seen: Set[int] = set()
+    while stack:
+        obj = stack.pop()
+        if id(obj) in seen:
+            continue
+        seen.add(id(obj))
+        yield obj
+        if isinstance(obj, dict):
+            stack.extend(obj.keys())
+            stack.extend(obj.values())
+        elif isinstance(obj, (list, tuple, set, frozenset)):
+            stack.extend(obj)
+        elif isinstance(obj, Placeholder):
+            stack.extend((obj.ph_args, obj.ph_kwargs, obj.ph_state, obj.ph_items, obj.ph_list))
+        elif isinstance(obj, _CheckedArray) and obj.dtype.hasobject:
+            stack.extend(obj.ravel().tolist())
+
+
+def check_loaded(data: Any) -> None:
+    """Refuse (:class:`Refused`) what unpickling made but must not be used: a numpy dtype
+    BUILD rewrote (:func:`_checked_dtype`), and tensors whose shapes cover far more bytes
+    than their storages hold (an ``expand``-ed stride-0 tensor of 8 GiB over 4 bytes: any
+    clone, ``contiguous()`` or save would allocate it; see ``TENSOR_VIEW_FACTOR``)."""
+    covered = 0
+    storages: Dict[Tuple[int, int, str], int] = {}
+    for obj in _objects(data):
+        if isinstance(obj, np.dtype):
+            try:
+                _checked_dtype(obj)
+            except pickle.UnpicklingError as exc:
+                raise Refused(str(exc), runs_code=False) from None
+        elif isinstance(obj, torch.Tensor) and obj.layout == torch.strided and obj.device.type != "meta":
+            storage = obj.untyped_storage()
+            covered += obj.numel() * obj.element_size()
+            storages[(storage.data_ptr(), storage.nbytes(), obj.device.type)] = storage.nbytes()
+    held = sum(storages.values())
+    if covered > TENSOR_VIEW_FACTOR * held + TENSOR_EXPANSION_BYTES:
+        raise Refused(f"its tensors' shapes cover {covered} bytes over {held} bytes of stored data (expanded or "
+                      f"overlapping views; more than TENSOR_VIEW_FACTOR {TENSOR_VIEW_FACTOR}x + "
+                      f"{TENSOR_EXPANSION_BYTES} bytes): copying them would allocate that much", runs_code=False,
+                      fix="save contiguous tensors (tensor.contiguous() before torch.save); do not use the file "
+                          "if its origin is unknown")
+
+
+def _check_zip_sizes(path: str, infos: Sequence[zipfile.ZipInfo]) -> None:
+    """Refuse a zip whose records would inflate far beyond the file, before any is read.
+
+    Readers allocate a record's *declared* uncompressed size (torch's miniz reader) or
+    inflate up to it (Python's zipfile), so the declared sizes are what is bounded: a stored
+    record must declare exactly the bytes it occupies, inside the file; compressed records
+    together at most ``max(INFLATE_FLOOR, INFLATE_RATIO x file size)``.
+    """
+    size = os.path.getsize(path)
+    inflated = 0
+    for info in infos:
+        if info.compress_type == zipfile.ZIP_STORED:
+            if info.file_size != info.compress_size or info.header_offset + info.compress_size > size:
+                raise Refused(f"zip record {info.filename!r} declares {info.file_size} bytes but stores "
+                              f"{info.compress_size} (the file is {size} bytes): a damaged or forged archive",
+                              runs_code=False)
+        else:
+            inflated += info.file_size
+    allowed = max(INFLATE_FLOOR, INFLATE_RATIO * size)
+    if inflated > allowed:
+        raise Refused(f"its compressed zip records would inflate to {inflated} bytes from a {size}-byte file, more "
+                      f"than the {allowed} bytes allowed (INFLATE_RATIO {INFLATE_RATIO}x, floor {INFLATE_FLOOR}): a "
+                      "zip bomb, or a checkpoint re-compressed by an archiver", runs_code=False,
+                      fix="torch.save stores records uncompressed: unzip the file and re-zip it with `zip -0`, "
+                          "or re-save it with torch.save; do not use it if its origin is unknown")
 
 
 def _guard(path: str) -> Tuple[bool, List[Tuple[str, str]]]:
@@ -476,7 +675,9 @@ def _guard(path: str) -> Tuple[bool, List[Tuple[str, str]]]:
     zipped = zipfile.is_zipfile(path)
     if zipped:
         with zipfile.ZipFile(path) as archive:
-            names = archive.namelist()
+            infos = archive.infolist()
+        _check_zip_sizes(path, infos)
+        names = [i.filename for i in infos]
         # torch.load hands TorchScript archives to torch.jit.load: code, not a checkpoint.
         if any(n.endswith("/constants.pkl") or n == "constants.pkl" for n in names):
             raise Refused("a TorchScript archive (it contains code), not a state-dict checkpoint", runs_code=False)
@@ -587,6 +788,8 @@ def load_checkpoint(path: str) -> LoadedCheckpoint:
         if not zipped:
             try:
                 return LoadedCheckpoint(path, _torch_load(path, zipped), "weights_only")
+            except Refused:
+                raise
             except Exception as exc:  # noqa: BLE001 - retried below with placeholders
                 refused_by_torch = torch_error_reason(exc)
         pairs = _safe_globals_for(path, zipped, named)
@@ -603,8 +806,7 @@ def load_checkpoint(path: str) -> LoadedCheckpoint:
                 "Do not use this file; get the checkpoint from a trusted source") from None
         if exc.reason.startswith("a TorchScript"):
             raise UserError(f"checkpoint {path!r} is {exc.reason}; pass the training .ckpt file instead") from None
-        raise UserError(f"checkpoint {path!r} cannot be read ({exc.reason}); check that it is "
-                        "a torch/Lightning checkpoint and was copied completely") from None
+        raise UserError(f"checkpoint {path!r} cannot be read ({exc.reason}); {exc.fix}") from None
     except Exception as exc:  # noqa: BLE001 - corrupt files raise RuntimeError, EOFError, ...
         raise UserError(f"checkpoint {path!r} cannot be read ({torch_error_reason(exc)}); check that it is "
                         "a torch/Lightning checkpoint and was copied completely") from None
@@ -673,47 +875,110 @@ _OMEGACONF_VALUE_NODES = {"AnyNode", "StringNode", "IntegerNode", "FloatNode", "
                           "EnumNode", "BytesNode", "PathNode", "ValueNode"}
 
 
-def to_plain(obj: Any, _depth: int = 0) -> Any:
+# to_plain's output is a report: it stays this small whatever the file holds.
+PLAIN_MAX_NODES = 100_000     # values in one to_plain result; past it, "<N values not shown>"
+PLAIN_REPEAT_NODES = 64       # a shared object this small is repeated; a bigger one is named once
+PLAIN_MAX_DEPTH = 50          # nesting shown; deeper parts become "<too deep>"
+
+
+def to_plain(obj: Any) -> Any:
     """Plain Python data from a loaded object, for reports and hyper-parameter recovery.
 
     OmegaConf ``DictConfig`` / ``ListConfig`` / value-node placeholders become dicts, lists
     and values; ``argparse.Namespace`` becomes a dict; other placeholders become the string
     ``"<dropped module.Class>"``; tensors become ``"<tensor shape dtype>"``.
+
+    Each loaded object is converted once.  A pickle shares objects by reference (its memo),
+    so 40 levels of lists that each hold the level below twice take 2 KB to store and 2^40
+    values to print: an object met again is repeated only when its plain form is small
+    (``PLAIN_REPEAT_NODES``), else it becomes ``"<same object as PATH>"``; a cycle becomes
+    ``"<cycle to PATH>"``; the whole result has at most ``PLAIN_MAX_NODES`` values.
     """
-    if _depth > 50:
-        return "<too deep>"
-    nxt = _depth + 1
-    if isinstance(obj, type) and issubclass(obj, Placeholder):
-        return f"<class {obj.qualname()}>"
-    if isinstance(obj, Placeholder):
-        cls = type(obj)
-        state = obj.ph_state
-        if isinstance(state, tuple) and len(state) == 2 and isinstance(state[0], dict):
-            state = state[0]  # (dict state, slot state)
-        if cls.ph_module.startswith("omegaconf") and isinstance(state, dict):
-            if cls.ph_name in _OMEGACONF_CONTAINERS and "_content" in state:
-                return to_plain(state["_content"], nxt)
-            if cls.ph_name in _OMEGACONF_VALUE_NODES and "_val" in state:
-                return to_plain(state["_val"], nxt)
-        if cls.ph_module == "argparse" and cls.ph_name == "Namespace" and isinstance(state, dict):
-            return {str(k): to_plain(v, nxt) for k, v in state.items()}
-        return repr(obj)
-    if isinstance(obj, torch.Tensor):
-        if obj.dim() == 0:
+    return _Plain().convert(obj, "", 0)
+
+
+class _Plain:
+    """One to_plain conversion: its memo (id -> (result, size, first path)) and node budget."""
+
+    def __init__(self):
+        self.memo: Dict[int, Tuple[Any, int, str]] = {}
+        self.active: Dict[int, str] = {}
+        self.nodes = 0
+        self.keep: List[Any] = []   # keeps converted objects alive: their ids stay unique
+
+    def convert(self, obj: Any, path: str, depth: int) -> Any:
+        if self.nodes >= PLAIN_MAX_NODES:
+            return "<not shown: PLAIN_MAX_NODES reached>"
+        if depth > PLAIN_MAX_DEPTH:
+            return "<too deep>"
+        shared = isinstance(obj, (dict, list, tuple, Placeholder))
+        if shared:
+            key = id(obj)
+            if key in self.active:
+                return f"<cycle to {self.active[key] or '<root>'}>"
+            if key in self.memo:
+                result, size, first = self.memo[key]
+                if size <= PLAIN_REPEAT_NODES:
+                    self.nodes += size
+                    return result
+                self.nodes += 1
+                return f"<same object as {first or '<root>'}>"
+            self.active[key] = path
+            before = self.nodes
+            try:
+                result = self._convert(obj, path, depth)
+            finally:
+                del self.active[key]
+            self.memo[key] = (result, self.nodes - before, path)
+            self.keep.append(obj)
+            return result
+        self.nodes += 1
+        return self._convert(obj, path, depth)
+
+    def _convert(self, obj: Any, path: str, depth: int) -> Any:
+        nxt = depth + 1
+        if isinstance(obj, type) and issubclass(obj, Placeholder):
+            return f"<class {obj.qualname()}>"
+        if isinstance(obj, Placeholder):
+            self.nodes += 1
+            cls = type(obj)
+            state = obj.ph_state
+            if isinstance(state, tuple) and len(state) == 2 and isinstance(state[0], dict):
+                state = state[0]  # (dict state, slot state)
+            if cls.ph_module.startswith("omegaconf") and isinstance(state, dict):
+                if cls.ph_name in _OMEGACONF_CONTAINERS and "_content" in state:
+                    return self.convert(state["_content"], path, nxt)
+                if cls.ph_name in _OMEGACONF_VALUE_NODES and "_val" in state:
+                    return self.convert(state["_val"], path, nxt)
+            if cls.ph_module == "argparse" and cls.ph_name == "Namespace" and isinstance(state, dict):
+                return self._dict(state, path, nxt)
+            return repr(obj)
+        if isinstance(obj, torch.Tensor):
+            if obj.dim() == 0:
+                return obj.item()
+            return f"<tensor {tuple(obj.shape)} {str(obj.dtype).replace('torch.', '')}>"
+        if isinstance(obj, dict):
+            self.nodes += 1
+            return self._dict(obj, path, nxt)
+        if isinstance(obj, (list, tuple)):
+            self.nodes += 1
+            return [self.convert(v, f"{path}[{i}]", nxt) for i, v in enumerate(obj)]
+        if isinstance(obj, np.generic):
             return obj.item()
-        return f"<tensor {tuple(obj.shape)} {str(obj.dtype).replace('torch.', '')}>"
-    if isinstance(obj, dict):
-        return {(k if isinstance(k, (str, int, float, bool)) or k is None else to_plain(k, nxt)):
-                to_plain(v, nxt) for k, v in obj.items()}
-    if isinstance(obj, (list, tuple)):
-        return [to_plain(v, nxt) for v in obj]
-    if isinstance(obj, np.generic):
-        return obj.item()
-    if isinstance(obj, np.ndarray):
-        return obj.tolist() if obj.size <= 16 else f"<ndarray {obj.shape} {obj.dtype}>"
-    if isinstance(obj, (str, int, float, bool)) or obj is None:
-        return obj
-    return repr(obj)
+        if isinstance(obj, np.ndarray):
+            return obj.tolist() if obj.size <= 16 else f"<ndarray {obj.shape} {obj.dtype}>"
+        if isinstance(obj, (str, int, float, bool)) or obj is None:
+            return obj
+        return repr(obj)
+
+    def _dict(self, obj: Dict[Any, Any], path: str, depth: int) -> Dict[Any, Any]:
+        out = {}
+        for k, v in obj.items():
+            key = k if isinstance(k, (str, int, float, bool)) or k is None else self.convert(k, path, depth)
+            if not isinstance(key, (str, int, float, bool)) and key is not None:
+                key = repr(key)
+            out[key] = self.convert(v, f"{path}.{k}" if path else str(k), depth)
+        return out
 
 
 # --------------------------------------------------------------------------------------
