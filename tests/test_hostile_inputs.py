@@ -290,6 +290,19 @@ def test_a_symlink_loop_lists_each_image_once(tmp_path):
     assert len(list_folder(str(tmp_path / "outside"))) == 2
 
 
+def test_special_files_named_like_images_are_skipped_not_opened(tmp_path):
+    # Opening a FIFO for reading blocks until someone writes: the listing must not hang.
+    folder = tmp_path / "images"
+    good = write_images(folder, 1)
+    os.mkfifo(folder / "pipe.png")
+    listing = tmp_path / "list.txt"
+    listing.write_text(f"{good[0]}\n{folder / 'pipe.png'}\n")
+    for where in (str(folder), str(listing)):
+        spec = resolve_data(cfg_for(), data_arg=where)
+        assert spec.paths == good and spec.unreadable == [str(folder / "pipe.png")]
+        assert "not a regular file" in spec.problems[str(folder / "pipe.png")]
+
+
 def test_an_empty_data_path_is_refused(tmp_path, capsys, monkeypatch, tiny_run):
     # The working directory holds images: "" must not mean "train on everything here".
     write_images(tmp_path / "cwd", 2)
@@ -416,10 +429,10 @@ def test_fit_refuses_an_out_it_cannot_write_before_start_up(kind, tmp_path, caps
     blocker = tmp_path / "blocker"
     if kind == "file":
         blocker.write_text("keep me")
-        out, fragment = blocker, "is a file, not a folder"
+        out, fragment = blocker, "exists and is not a folder"
     elif kind == "fifo":
         os.mkfifo(blocker)
-        out, fragment = blocker, "is a file, not a folder"
+        out, fragment = blocker, "exists and is not a folder"
     elif kind == "under_a_file":
         blocker.write_text("keep me")
         out, fragment = blocker / "run", f"{blocker} is a file, so nothing can be created under it"
@@ -437,6 +450,14 @@ def test_fit_refuses_an_out_it_cannot_write_before_start_up(kind, tmp_path, caps
         assert stat.S_ISFIFO(os.stat(blocker).st_mode)
     elif kind != "not_writable":
         assert blocker.read_text() == "keep me"
+
+
+def test_demo_refuses_an_out_it_cannot_write(tmp_path, capsys):
+    blocker = tmp_path / "blocker"
+    blocker.write_text("keep me")
+    code, _, err, seconds = run_cli(["demo", "--out", str(blocker / "run"), "--max-steps", "1"], capsys)
+    assert code == 2 and seconds < FAST_S
+    assert_one_message(err, "demo: --out", "is a file, so nothing can be created under it")
 
 
 def test_fit_on_a_full_disk_leaves_no_partial_checkpoint(tmp_path, capsys, monkeypatch):

@@ -77,7 +77,8 @@ def parse_device(text: str, command: str):
             raise UserError(f"{command}: --device {text}: this machine has {count} CUDA device(s) "
                             f"(cuda:0 to cuda:{count - 1}); pick one of them")
         return device
-    if device.type == "mps" and getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available():
+    mps = getattr(torch.backends, "mps", None)
+    if device.type == "mps" and mps is not None and mps.is_available():
         return device
     raise UserError(f"{command}: --device {text}: no {device.type} device here; use one of {usable}")
 
@@ -99,7 +100,7 @@ def check_out_path(path: str, want: str, command: str, flag: str = "--out") -> s
             raise UserError(f"{command}: {flag} {path} is a folder; name a file inside it or elsewhere")
     elif os.path.exists(full):
         if want == "folder":
-            raise UserError(f"{command}: {flag} {path} is a file, not a folder; name a new or existing folder")
+            raise UserError(f"{command}: {flag} {path} exists and is not a folder; name a new or existing folder")
         if not os.path.isfile(full):
             raise UserError(f"{command}: {flag} {path} is not a regular file (a FIFO, socket or device); "
                             "name a regular file")

@@ -33,6 +33,7 @@ from __future__ import annotations
 import contextlib
 import math
 import os
+import stat
 import sys
 from dataclasses import dataclass, field
 from typing import Dict, Iterator, List, Optional, Sequence, Tuple
@@ -277,6 +278,9 @@ def rescale_problem(w: int, h: int, short: int, size: int, max_pixels: int) -> O
 def image_problem(path: str, size: int, max_pixels: int = DEFAULT_MAX_PIXELS) -> Optional[str]:
     """Why ``path`` cannot be used for ``size`` px crops, from its header alone; None when it can."""
     try:
+        # A FIFO (or a device) named like an image would block the open, or never end.
+        if not stat.S_ISREG(os.stat(path).st_mode):
+            return "is not a regular file (a FIFO, socket or device); leave it out of the data"
         with open_header(path) as im:
             w, h = im.size
     except Exception as exc:  # noqa: BLE001 - any failure means "not a readable image"

@@ -120,7 +120,7 @@ def cli_main(argv: Sequence[str]) -> int:
                         help="precision of the stored features (default fp16)")
     args = parser.parse_intermixed_args(list(argv))
     # Command-line mistakes first: they are found in milliseconds, the config takes longer.
-    data_arg = None if args.data is None else (args.data if args.data == "builtin" else data_argument(args.data))
+    data_arg = None if args.data is None else data_argument(args.data)
     device = str(parse_device(args.device, "extract-features")) if args.device is not None else None
 
     cfg = load_run_config(args.config, args.overrides, scope="model").cfg

@@ -156,19 +156,20 @@ def run(argv: List[str]):
         overrides.append(f"train.max_steps={args.max_steps}")
 
     from train.checkpoint import LAST
-
-    resume = resume_source(args.resume) if args.resume else None
-    cfg = resolve_config(config_path, overrides, resume)
     from train.data import data_argument, resolve_data
 
-    if args.data is not None:
+    # Command-line mistakes first, in milliseconds, before minutes of start-up.
+    data_path = data_argument(args.data) if args.data is not None else None
+    if args.out is not None:
+        check_out_path(args.out, "folder", "fit")
+    resume = resume_source(args.resume) if args.resume else None
+    cfg = resolve_config(config_path, overrides, resume)
+    if data_path is not None:
         # Recorded in the run's config.yaml, so a resume needs no --data.
-        cfg.data.path = data_argument(args.data)
+        cfg.data.path = data_path
     elif resume is not None and cfg.data.path is None:
         cfg.data.path = stored_data_path(resume)
 
-    if args.out is not None:
-        check_out_path(args.out, "folder", "fit")   # before minutes of start-up, not after
     data = resolve_data(cfg)
 
     started_dist = init_distributed()
