@@ -20,11 +20,20 @@ Unreadable or corrupt images never stop training: files whose header cannot be r
 dropped before training (and counted); a file that fails to decode later is replaced by the
 next file of the permutation and counted in ``batch["skipped"]``.  A data set with no
 readable image is a :class:`UserError` before training starts.
+
+Hostile files are treated the same way, before they cost memory: the pixel count from the
+header is checked against ``data.max_image_pixels`` before decoding (a 661-byte PNG can
+declare 200000 x 1 pixels, or 50000 x 50000), and so is the size the image would have once
+its shorter side is rescaled to the crop size (an extreme aspect ratio).  16-bit and float
+images are scaled to 8 bits (``to_rgb``) instead of being clipped.  Folder listings follow
+symbolic links but list each real folder once, so a link loop cannot multiply the images.
 """
 from __future__ import annotations
 
+import contextlib
 import math
 import os
+import stat
 import sys
 from dataclasses import dataclass, field
 from typing import Dict, Iterator, List, Optional, Sequence, Tuple
@@ -35,6 +44,7 @@ from PIL import Image
 from torch.utils.data import Dataset
 
 from train.errors import UserError
+from train.schema import DataSection
 
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".ppm", ".pgm")
 
@@ -54,6 +64,11 @@ TAMING_LIST_DATASETS = {
     "taming.data.custom.CustomTest": "test_images_list_file",
 }
 
+# data.max_image_pixels when no config says otherwise (its meaning is in train/schema.py).
+DEFAULT_MAX_PIXELS = DataSection.max_image_pixels
+# Modes PIL gives 16-bit images (PNG, TIFF); "I" is 32-bit but holds 16-bit PNGs in older Pillows.
+SIXTEEN_BIT_MODES = ("I;16", "I;16L", "I;16B", "I;16N", "I")
+
 
 @dataclass
 class DataSpec:
@@ -70,6 +85,10 @@ class DataSpec:
     unreadable: List[str] = field(default_factory=list)
     # Keep decoded images in memory (the built-in set is a few MB).
     cache: bool = False
+    # data.max_image_pixels: larger images (as stored, or once rescaled for cropping) are skipped.
+    max_pixels: int = DEFAULT_MAX_PIXELS
+    # Why each unreadable file was dropped (path -> problem and fix), for the messages.
+    problems: Dict[str, str] = field(default_factory=dict)
 
 
 # ----------------------------------------------------------------------------------------
@@ -91,10 +110,28 @@ def builtin_paths(heldout: bool = False) -> List[str]:
 
 
 def list_folder(path: str) -> List[str]:
-    """Image files under ``path`` (recursive, sorted so every rank sees the same order)."""
+    """Image files under ``path`` (recursive, sorted so every rank sees the same order).
+
+    Symbolic links to folders are followed (data sets are often assembled from links), but
+    each real folder is listed once, where the sorted walk first reaches it: a link back up
+    the tree would otherwise list the same files again at every level, until the kernel's
+    limit of 40 links in one path.
+    """
     found = []
+    seen = set()
     for dirpath, dirnames, filenames in os.walk(path, followlinks=True):
-        dirnames.sort()
+        try:
+            st = os.stat(dirpath)
+        except OSError:
+            dirnames[:] = []
+            continue
+        if (st.st_dev, st.st_ino) in seen:
+            dirnames[:] = []        # already listed under another name: neither its files nor below
+            continue
+        seen.add((st.st_dev, st.st_ino))
+        # Real sub-folders before links: a folder reached both ways is listed under its own path.
+        dirnames[:] = sorted(d for d in dirnames if not os.path.islink(os.path.join(dirpath, d))) + \
+            sorted(d for d in dirnames if os.path.islink(os.path.join(dirpath, d)))
         found += [os.path.join(dirpath, f) for f in sorted(filenames)
                   if f.lower().endswith(IMAGE_EXTENSIONS) and not f.startswith(".")]
     return found
@@ -126,8 +163,21 @@ def read_file_list(path: str) -> List[str]:
     return paths
 
 
+def data_argument(value: str, flag: str = "--data") -> str:
+    """A ``--data`` value as a run records it: ``builtin`` or an absolute path.
+
+    An empty value is refused: ``os.path.abspath("")`` is the working directory, so it would
+    silently train on whatever images lie anywhere below it.
+    """
+    if not str(value).strip():
+        raise UserError(f"{flag} is empty; give an image folder, a file list (one path per line) or 'builtin'")
+    return value if value == "builtin" else os.path.abspath(value)
+
+
 def paths_from_argument(path: str) -> Tuple[List[str], str]:
     """A ``--data`` value -> (file paths, description)."""
+    if not str(path).strip():
+        raise UserError("data.path is empty; give an image folder, a file list (one path per line) or 'builtin'")
     if path == "builtin":
         paths = builtin_paths()
         return paths, f"builtin ({len(paths)} scikit-image photographs)"
@@ -167,20 +217,105 @@ def _taming_list_file(cfg, split: str) -> Optional[Tuple[str, int]]:
     return str(dparams[key]), int(dparams.get("size") or cfg.data.image_size)
 
 
-def check_readable(paths: Sequence[str]) -> Tuple[List[str], List[str]]:
-    """Split ``paths`` into (readable, unreadable) by opening each header.
+class ImageRefused(ValueError):
+    """An image this tool will not decode or crop; the message says why and what to do.
+
+    A ValueError, so every place that skips undecodable files skips and counts these too.
+    """
+
+
+@contextlib.contextmanager
+def _own_pixel_limit():
+    """PIL's decompression-bomb check off while opening a header.
+
+    PIL warns above 89 M pixels and refuses above 179 M, whatever ``data.max_image_pixels``
+    says; :func:`too_many_pixels` applies the configured limit to the same header size
+    before anything is decoded.  Data workers are processes, so the global is not shared
+    with another thread that opens images.
+    """
+    saved = Image.MAX_IMAGE_PIXELS
+    Image.MAX_IMAGE_PIXELS = None
+    try:
+        yield
+    finally:
+        Image.MAX_IMAGE_PIXELS = saved
+
+
+def open_header(path: str) -> Image.Image:
+    """``Image.open`` (reads the header only; nothing is decoded yet)."""
+    with _own_pixel_limit():
+        return Image.open(path)
+
+
+def too_many_pixels(w: int, h: int, max_pixels: int) -> Optional[str]:
+    """Why a ``w`` x ``h`` image is refused by the pixel limit, or None."""
+    if w * h > max_pixels:
+        return (f"{w} x {h} = {w * h:,} pixels is more than data.max_image_pixels ({max_pixels:,}); shrink the "
+                "image, or raise the limit (data.max_image_pixels=N) if such images are meant")
+    return None
+
+
+def rescaled_size(w: int, h: int, short: int, size: int) -> Tuple[int, int]:
+    """Size of a ``w`` x ``h`` image whose shorter side is rescaled to ``short`` (never below ``size``)."""
+    ratio = short / min(w, h)
+    return max(size, int(round(w * ratio))), max(size, int(round(h * ratio)))
+
+
+def rescale_problem(w: int, h: int, short: int, size: int, max_pixels: int) -> Optional[str]:
+    """Why rescaling a ``w`` x ``h`` image for ``size`` px crops is refused, or None.
+
+    Only extreme aspect ratios get here: a 200000 x 1 image rescaled to a 256 px shorter
+    side would be 51200000 x 256 pixels (13 billion) for one 256 x 256 crop.
+    """
+    w2, h2 = rescaled_size(w, h, short, size)
+    if w2 * h2 > max_pixels:
+        return (f"{w} x {h} pixels rescaled to a {short} px shorter side would be {w2} x {h2} = {w2 * h2:,} pixels, "
+                f"more than data.max_image_pixels ({max_pixels:,}): its aspect ratio is too extreme for "
+                f"{size} px crops; crop the image to a less elongated shape, or leave it out")
+    return None
+
+
+def image_problem(path: str, size: int, max_pixels: int = DEFAULT_MAX_PIXELS) -> Optional[str]:
+    """Why ``path`` cannot be used for ``size`` px crops, from its header alone; None when it can."""
+    try:
+        # A FIFO (or a device) named like an image would block the open, or never end.
+        if not stat.S_ISREG(os.stat(path).st_mode):
+            return "is not a regular file (a FIFO, socket or device); leave it out of the data"
+        with open_header(path) as im:
+            w, h = im.size
+    except Exception as exc:  # noqa: BLE001 - any failure means "not a readable image"
+        reason = exc.strerror if isinstance(exc, OSError) and exc.strerror else type(exc).__name__
+        return f"cannot be read as an image ({reason}); check that it is an image file and not damaged"
+    if w <= 0 or h <= 0:
+        return f"has no pixels ({w} x {h}); leave it out"
+    return too_many_pixels(w, h, max_pixels) or rescale_problem(w, h, size, size, max_pixels)
+
+
+def check_readable(paths: Sequence[str], size: int = 1,
+                   max_pixels: int = DEFAULT_MAX_PIXELS) -> Tuple[List[str], List[str], Dict[str, str]]:
+    """Split ``paths`` into (readable, unreadable, {unreadable path: why}) from each header.
 
     Only the header is read (fast); files that fail to decode later are handled at load time.
     """
-    good, bad = [], []
+    good, bad, problems = [], [], {}
     for p in paths:
-        try:
-            with Image.open(p) as im:
-                w, h = im.size
-            (good if w > 0 and h > 0 else bad).append(p)
-        except Exception:  # noqa: BLE001 - any failure means "not a readable image"
+        problem = image_problem(p, size, max_pixels)
+        if problem is None:
+            good.append(p)
+        else:
             bad.append(p)
-    return good, bad
+            problems[p] = problem
+    return good, bad, problems
+
+
+def no_image_message(source: str, bad: Sequence[str], problems: Dict[str, str]) -> str:
+    """The error for a data set without one usable image: the first file and why."""
+    if not bad:
+        return f"no readable image in {source}; check the path and the files"
+    why = problems.get(bad[0], "cannot be read as an image; check the path and the files")
+    if len(bad) == 1 and source.startswith("image "):
+        return f"no readable image in {source}: {why}"
+    return f"no readable image in {source} (e.g. {bad[0]}: {why})"
 
 
 def resolve_data(cfg, data_arg: Optional[str] = None, split: str = "train") -> DataSpec:
@@ -218,29 +353,66 @@ def resolve_data(cfg, data_arg: Optional[str] = None, split: str = "train") -> D
         # taming's CustomTrain/CustomTest always centre-crop after rescaling.
         random_crop = False
         source = f"taming file list {list_file} ({len(paths)} entries)"
-    good, bad = check_readable(paths)
+    max_pixels = int(getattr(cfg.data, "max_image_pixels", DEFAULT_MAX_PIXELS))
+    good, bad, problems = check_readable(paths, size, max_pixels)
     if not good and split == "train":
-        example = f" (e.g. {bad[0]})" if bad else ""
-        raise UserError(f"no readable image in {source}{example}; check the path and the files")
+        raise UserError(no_image_message(source, bad, problems))
     return DataSpec(paths=good, image_size=size, random_crop=random_crop, scale_range=scale,
-                    source=source, unreadable=bad, cache=cache)
+                    source=source, unreadable=bad, cache=cache, max_pixels=max_pixels, problems=problems)
 
 
 # ----------------------------------------------------------------------------------------
 # Loading and cropping
 
-def load_rgb(path: str) -> Image.Image:
-    with Image.open(path) as im:
+def load_rgb(path: str, max_pixels: int = DEFAULT_MAX_PIXELS) -> Image.Image:
+    """The image at ``path`` as 8-bit RGB; :class:`ImageRefused` when it has more than
+    ``max_pixels`` pixels (checked from the header, before decoding)."""
+    with open_header(path) as im:
+        problem = too_many_pixels(im.size[0], im.size[1], max_pixels)
+        if problem:
+            raise ImageRefused(problem)
         im.load()
-        return im.convert("RGB")
+        return to_rgb(im)
+
+
+def to_rgb(im: Image.Image) -> Image.Image:
+    """8-bit RGB, scaling high-bit-depth pixels instead of clipping them.
+
+    PIL's ``convert("RGB")`` clips 16-bit and float values to 0..255: a 16-bit PNG becomes
+    almost all white and a float image in [0, 1] almost all black.  16-bit values are
+    divided by 257 (65535 -> 255) and floats in [0, 1] multiplied by 255, both rounded.
+    Floats outside [0, 1] (or NaN) and 32-bit integers beyond 16 bits have no agreed
+    scale: they are refused (:class:`ImageRefused`) rather than guessed at.
+    """
+    if im.mode in SIXTEEN_BIT_MODES:
+        values = np.asarray(im)
+        lo, hi = int(values.min()), int(values.max())
+        if lo < 0 or hi > 65535:
+            raise ImageRefused(f"32-bit integer pixels from {lo} to {hi} have no known scale (16-bit images hold "
+                               "0..65535); save the image as 8- or 16-bit")
+        grey = ((values.astype(np.uint32) + 128) // 257).astype(np.uint8)
+        return Image.fromarray(grey, "L").convert("RGB")
+    if im.mode == "F":
+        values = np.asarray(im, dtype=np.float32)
+        if not np.isfinite(values).all():
+            raise ImageRefused("float pixels include NaN or infinity; save the image as 8- or 16-bit")
+        lo, hi = float(values.min()), float(values.max())
+        if lo < 0.0 or hi > 1.0:
+            raise ImageRefused(f"float pixels from {lo:g} to {hi:g}: only floats in [0, 1] have a known scale; "
+                               "scale the image to [0, 1] or save it as 8- or 16-bit")
+        grey = np.rint(values * 255.0).astype(np.uint8)
+        return Image.fromarray(grey, "L").convert("RGB")
+    return im.convert("RGB")
 
 
 def crop_image(img: Image.Image, size: int, rng: np.random.Generator, random_crop: bool,
-               scale_range: Tuple[float, float]) -> np.ndarray:
+               scale_range: Tuple[float, float], max_pixels: int = DEFAULT_MAX_PIXELS) -> np.ndarray:
     """Rescale the shorter side to ``size * U(scale_range)`` (never below ``size``), crop.
 
     With ``scale_range=(1, 1)`` and a centre crop this is taming's ``ImagePaths``
     preprocessing (albumentations ``SmallestMaxSize`` + ``CenterCrop``/``RandomCrop``).
+    :class:`ImageRefused` when the rescaled image would exceed ``max_pixels`` (an extreme
+    aspect ratio), before anything is allocated.
     """
     w, h = img.size
     lo, hi = scale_range
@@ -250,8 +422,10 @@ def crop_image(img: Image.Image, size: int, rng: np.random.Generator, random_cro
     else:
         short = max(size, int(round(size * lo)))
     if min(w, h) != short:
-        ratio = short / min(w, h)
-        img = img.resize((max(size, int(round(w * ratio))), max(size, int(round(h * ratio)))), Image.BICUBIC)
+        problem = rescale_problem(w, h, short, size, max_pixels)
+        if problem:
+            raise ImageRefused(problem)
+        img = img.resize(rescaled_size(w, h, short, size), Image.BICUBIC)
         w, h = img.size
     if random_crop:
         x = int(rng.integers(0, w - size + 1))
@@ -296,7 +470,7 @@ class ImageCrops(Dataset):
     def _image(self, index: int) -> Image.Image:
         if index in self._cache:
             return self._cache[index]
-        img = load_rgb(self.spec.paths[index])
+        img = load_rgb(self.spec.paths[index], self.spec.max_pixels)
         if self.spec.cache:
             # Cached photos are stored no larger than the largest zoom needs (faster crops).
             limit = int(round(self.spec.image_size * self.spec.scale_range[1]))
@@ -311,24 +485,27 @@ class ImageCrops(Dataset):
         epoch, pos = divmod(int(k), n)
         perm = self.permutation(epoch)
         rng = np.random.default_rng([self.seed, 1, int(k)])
-        skipped = 0
+        skipped, last_problem = 0, ""
         # A file that fails to decode is replaced by the next one of the permutation, so the
         # choice stays a function of k (exact resume) and a bad file never stops training.
         for offset in range(n):
             index = int(perm[(pos + offset) % n])
             try:
                 img = self._image(index)
-                crop = crop_image(img, self.spec.image_size, rng, self.spec.random_crop, self.spec.scale_range)
+                crop = crop_image(img, self.spec.image_size, rng, self.spec.random_crop, self.spec.scale_range,
+                                  self.spec.max_pixels)
                 return {"image": to_tensor(crop), "path": self.spec.paths[index], "file_index": index,
                         "skipped": skipped}
             except Exception as exc:  # noqa: BLE001 - any decoding failure skips the file
                 skipped += 1
                 path = self.spec.paths[index]
+                why = str(exc) if isinstance(exc, ImageRefused) else f"{type(exc).__name__}: {exc}"
+                last_problem = f"{path}: {why}"
                 if path not in self._reported:
                     self._reported.add(path)
                     print(f"warning: skipping unreadable image {path} ({type(exc).__name__}: {exc})",
                           file=sys.stderr)
-        raise UserError(f"no image in {self.spec.source} could be decoded; check the files")
+        raise UserError(f"no image in {self.spec.source} could be decoded (e.g. {last_problem}); check the files")
 
 
 class StepBatchSampler:
@@ -389,4 +566,5 @@ def fixed_crops(spec: DataSpec, count: int, seed: int = 0) -> torch.Tensor:
 
 __all__ = ["DataSpec", "ImageCrops", "StepBatchSampler", "resolve_data", "make_loader", "fixed_crops",
            "builtin_paths", "list_folder", "read_file_list", "steps_for_epochs", "BUILTIN_TRAIN",
-           "BUILTIN_HELDOUT"]
+           "BUILTIN_HELDOUT", "ImageRefused", "load_rgb", "to_rgb", "crop_image", "image_problem",
+           "data_argument", "no_image_message"]

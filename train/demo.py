@@ -95,11 +95,14 @@ def cli_main(argv: List[str]) -> int:
     p.add_argument("--config", default=DEMO_CONFIG, help="demo config (default configs/demo_emavq.json)")
     args = p.parse_args(argv)
 
+    from train.cli import check_out_path
     from train.data import fixed_crops, resolve_data
     from train.fit import default_run_dir
     from train.run_config import load_run_config
     from train.trainer import Trainer
 
+    if args.out is not None:
+        check_out_path(args.out, "folder", "demo")     # before the model is built, not minutes later
     overrides = [f"train.max_steps={args.max_steps}"] if args.max_steps else []
     cfg = load_run_config(args.config, overrides).cfg
     cfg.data.path = "builtin"
@@ -107,6 +110,7 @@ def cli_main(argv: List[str]) -> int:
     heldout = resolve_data(cfg, split="validation")
     eval_images = fixed_crops(heldout, EVAL_CROPS, seed=0)
     run_dir = args.out or default_run_dir(cfg.name)
+    check_out_path(run_dir, "folder", "demo")
     if os.path.isfile(os.path.join(run_dir, "checkpoints", "last.ckpt")):
         raise UserError(f"--out {run_dir} already holds a run; choose another folder")
 

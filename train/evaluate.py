@@ -56,7 +56,7 @@ from typing import Any, Dict, Iterable, List, Optional, Sequence, Tuple
 import torch
 
 from train import atomic
-from train.cli import CommandParser, positive_int
+from train.cli import CommandParser, check_out_path, parse_device, positive_int
 from train.checkpoint import LAST_WEIGHTS
 from train.errors import UserError
 from train.usage import add_codes_, codebook_stats
@@ -140,13 +140,13 @@ def load_source(source: Source, overrides: Sequence[str] = ()) -> Tuple[Any, Dic
 
 def eval_data(cfg, data_arg: Optional[str], split: str):
     """``(DataSpec, note or None)`` of the images to evaluate on (see the module docstring)."""
-    from train.data import resolve_data
+    from train.data import data_argument, no_image_message, resolve_data
 
     if split not in SPLITS:
         raise UserError(f"eval: --split {split!r} is unknown; valid choices: {', '.join(SPLITS)}")
     note = None
     if data_arg is not None:
-        where = data_arg if data_arg == "builtin" else os.path.abspath(data_arg)
+        where = data_argument(data_arg)
         if split == "train":
             cfg.data.path = where
         elif where == "builtin":
@@ -157,8 +157,7 @@ def eval_data(cfg, data_arg: Optional[str], split: str):
         spec = resolve_data(cfg, split="validation")
         if spec.source != "none":
             if not spec.paths:
-                example = f" (e.g. {spec.unreadable[0]})" if spec.unreadable else ""
-                raise UserError(f"eval: no readable image in {spec.source}{example}; check the path and the files")
+                raise UserError("eval: " + no_image_message(spec.source, spec.unreadable, spec.problems))
             return spec, note
         if cfg.data.path is None and not (cfg.upstream and cfg.upstream.get("data")):
             raise UserError("eval: the config names no data (data.path, data.val_path); pass --data PATH "
@@ -207,7 +206,8 @@ class _Files(torch.utils.data.Dataset):
 
         path = self.spec.paths[i]
         try:
-            array = crop_image(load_rgb(path), self.spec.image_size, np.random.default_rng(0), False, (1.0, 1.0))
+            array = crop_image(load_rgb(path, self.spec.max_pixels), self.spec.image_size, np.random.default_rng(0),
+                               False, (1.0, 1.0), self.spec.max_pixels)
         except Exception as exc:  # noqa: BLE001 - any decoding failure leaves the file out
             print(f"warning: leaving out unreadable image {path} ({type(exc).__name__}: {exc})", file=sys.stderr)
             return None
@@ -430,7 +430,9 @@ def write_json(report: Dict[str, Any], path: str) -> None:
         os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
         atomic.write_text(path, text)
     except OSError as exc:
-        raise UserError(f"eval: --out {path}: cannot be written ({exc.strerror or exc})") from None
+        # The atomic writer removed its temporary file: the old report (if any) is intact.
+        raise UserError(f"eval: --out {path}: cannot be written ({exc.strerror or exc}); free some space or "
+                        "choose another --out") from None
 
 
 # ----------------------------------------------------------------------------------------
@@ -466,13 +468,11 @@ def cli_main(argv: List[str]) -> int:
         got = f"got {', '.join(sources)}" if sources else "got none"
         raise UserError(f"eval: one SOURCE expected ({got}); usage: python -m train eval RUN_DIR|CKPT|MIGRATED_DIR "
                         "[--data PATH|builtin] [--split val|train] [--num-images N] [--json] [key=value ...]")
-    if args.device:
-        try:
-            device = torch.device(args.device)
-        except RuntimeError:
-            raise UserError(f"eval: --device {args.device!r} is not a device name (cpu, cuda, cuda:0)") from None
-        if device.type == "cuda" and not torch.cuda.is_available():
-            raise UserError(f"eval: --device {args.device}: no CUDA device here; use --device cpu")
+    if args.device is not None:
+        parse_device(args.device, "eval")
+    if args.out is not None:
+        # Checked before the evaluation, which can take long, rather than when writing at the end.
+        check_out_path(args.out, "file", "eval")
 
     report = evaluate(sources[0], data=args.data, split=args.split, num_images=args.num_images,
                       batch_size=args.batch_size, overrides=overrides, vgg=args.vgg, lpips=not args.no_lpips,

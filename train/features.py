@@ -26,7 +26,6 @@ path, which suits data sets up to about a million files.
 """
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import sys
@@ -40,7 +39,8 @@ from adapters.dinovq import build_teacher
 from adapters.registry import get_model_type
 from train.run_config import load_run_config
 from train import atomic
-from train.data import crop_image, load_rgb, resolve_data, to_tensor
+from train.cli import CommandParser, check_out_path, parse_device
+from train.data import crop_image, data_argument, load_rgb, resolve_data, to_tensor
 from train.errors import UserError
 
 
@@ -76,10 +76,10 @@ def extract(cfg, data_arg: Optional[str], out: str, batch_size: int, device: str
 
     for path in spec.paths:
         try:
-            crop = crop_image(load_rgb(path), size, None, False, (1.0, 1.0))
+            crop = crop_image(load_rgb(path, spec.max_pixels), size, None, False, (1.0, 1.0), spec.max_pixels)
         except Exception as exc:  # noqa: BLE001 - unreadable files are skipped and counted
             skipped += 1
-            print(f"warning: skipping unreadable image {path} ({type(exc).__name__})", file=sys.stderr)
+            print(f"warning: skipping unreadable image {path} ({type(exc).__name__}: {exc})", file=sys.stderr)
             continue
         pending.append(to_tensor(crop))
         pending_keys.append(_key(path))
@@ -97,14 +97,19 @@ def extract(cfg, data_arg: Optional[str], out: str, batch_size: int, device: str
 
 
 def _save_atomic(tensors, meta, out: str) -> None:
-    os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
-    # A killed run never leaves a half-written cache under the real name.
-    atomic.save_safetensors(tensors, out, metadata=meta)
+    try:
+        os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
+        # A killed run never leaves a half-written cache under the real name.
+        atomic.save_safetensors(tensors, out, metadata=meta)
+    except OSError as exc:
+        raise UserError(f"extract-features: --out {out}: cannot be written ({exc.strerror or exc}); free some "
+                        "space or choose another --out (no partial cache was left)") from None
 
 
 def cli_main(argv: Sequence[str]) -> int:
-    parser = argparse.ArgumentParser(prog="python -m train extract-features",
-                                     description="cache DINO teacher features for DinoVQ")
+    # CommandParser: a bad command line is one line and exit 2, not argparse's usage text.
+    parser = CommandParser(prog="python -m train extract-features",
+                           description="cache DINO teacher features for DinoVQ")
     parser.add_argument("config", help="a DinoVQ config (YAML or JSON)")
     parser.add_argument("overrides", nargs="*", help="key=value config overrides")
     parser.add_argument("--data", help="image folder or file list (default: data.path)")
@@ -114,6 +119,9 @@ def cli_main(argv: Sequence[str]) -> int:
     parser.add_argument("--store-dtype", choices=sorted(STORE_DTYPES), default="fp16",
                         help="precision of the stored features (default fp16)")
     args = parser.parse_intermixed_args(list(argv))
+    # Command-line mistakes first: they are found in milliseconds, the config takes longer.
+    data_arg = None if args.data is None else data_argument(args.data)
+    device = str(parse_device(args.device, "extract-features")) if args.device is not None else None
 
     cfg = load_run_config(args.config, args.overrides, scope="model").cfg
     if get_model_type(cfg.model_type).batch_hook is None:
@@ -121,7 +129,8 @@ def cli_main(argv: Sequence[str]) -> int:
                         f"distilled from a teacher (DinoVQ); model_type {cfg.model_type!r} has none")
     if not args.out.endswith(".safetensors"):
         raise UserError(f"--out {args.out}: the cache is a .safetensors file; end the name with .safetensors")
-    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    check_out_path(args.out, "file", "extract-features")
+    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
     batch_size = int(args.batch_size or cfg.train.batch_size)
     if batch_size < 1:
         raise UserError(f"--batch-size {batch_size}: must be at least 1")
@@ -130,7 +139,7 @@ def cli_main(argv: Sequence[str]) -> int:
     def progress(done, total):
         print(f"extract-features: {done}/{total} images", file=sys.stderr)
 
-    stats = extract(cfg, args.data, args.out, batch_size, device, args.store_dtype, progress)
+    stats = extract(cfg, data_arg, args.out, batch_size, device, args.store_dtype, progress)
     print(f"wrote {args.out}: {stats['images']} images, {stats['skipped']} skipped, "
           f"{time.time() - start:.1f}s")
     return 0

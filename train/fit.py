@@ -24,7 +24,7 @@ import os
 import sys
 from typing import List, Optional, Tuple
 
-from train.cli import CommandParser, positive_int
+from train.cli import CommandParser, check_out_path, positive_int
 from train.errors import UserError
 from train.sources import Source, locate
 
@@ -156,16 +156,19 @@ def run(argv: List[str]):
         overrides.append(f"train.max_steps={args.max_steps}")
 
     from train.checkpoint import LAST
+    from train.data import data_argument, resolve_data
 
+    # Command-line mistakes first, in milliseconds, before minutes of start-up.
+    data_path = data_argument(args.data) if args.data is not None else None
+    if args.out is not None:
+        check_out_path(args.out, "folder", "fit")
     resume = resume_source(args.resume) if args.resume else None
     cfg = resolve_config(config_path, overrides, resume)
-    if args.data is not None:
+    if data_path is not None:
         # Recorded in the run's config.yaml, so a resume needs no --data.
-        cfg.data.path = args.data if args.data == "builtin" else os.path.abspath(args.data)
+        cfg.data.path = data_path
     elif resume is not None and cfg.data.path is None:
         cfg.data.path = stored_data_path(resume)
-
-    from train.data import resolve_data
 
     data = resolve_data(cfg)
 
@@ -175,6 +178,7 @@ def run(argv: List[str]):
 
         run_dir = args.out or (resume.run_dir if resume is not None else None) or default_run_dir(cfg.name)
         run_dir = _shared_value(run_dir)
+        check_out_path(run_dir, "folder", "fit")
         if resume is None and os.path.isfile(os.path.join(run_dir, "checkpoints", LAST)):
             raise UserError(f"--out {run_dir} already holds a run (checkpoints/{LAST}); continue it with "
                             f"--resume {run_dir}, or choose another --out")

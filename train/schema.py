@@ -93,6 +93,12 @@ class DataSection:
     random_crop: bool = True
     # DinoVQ: a feature cache written by ``python -m train extract-features``.
     feature_cache: Optional[str] = None
+    # Largest image accepted, in pixels (width x height): checked from the file header before
+    # decoding, and again for the image rescaled to image_size before cropping (a 200000 x 1
+    # file would rescale to 13 billion pixels).  100 megapixels covers camera photographs up
+    # to medium format; decoding one takes about 300 MB in each data worker.  Larger files
+    # are skipped and counted like unreadable ones.
+    max_image_pixels: int = 100_000_000
 
 
 @dataclass
