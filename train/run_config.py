@@ -15,10 +15,10 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any, List, Optional, Sequence
 
-import yaml
 from omegaconf import DictConfig
 
-from train.config import Normalized, apply_overrides, canonicalize, normalize, normalize_document, to_structured
+from train.config import (ConfigFileError, Normalized, apply_overrides, canonicalize, load_yaml_text, normalize,
+                          normalize_document, to_structured)
 from train.errors import ERROR, Finding, UserError
 from train.validate import collect
 
@@ -66,10 +66,13 @@ def load_run_config(path: str, overrides: Sequence[str] = (), scope: str = "trai
 def load_stored_config(text: str, origin: str, overrides: Sequence[str] = (), scope: str = "train") -> RunConfig:
     """The resolved config a run recorded (YAML text) + overrides -> a checked, typed config."""
     try:
-        doc: Any = yaml.safe_load(text)
-    except yaml.YAMLError as exc:
-        raise UserError(f"{origin}: the stored config is not readable YAML ({str(exc).splitlines()[0]})") from None
-    return _checked(normalize_document(doc, origin, keep_source=True), overrides, origin, None, scope)
+        # The bounded reader config files use: a checkpoint's text is input like any other.
+        doc, duplicates = load_yaml_text(text, origin)
+    except ConfigFileError as exc:
+        raise UserError(f"{origin}: the stored config is not readable ({exc})") from None
+    norm = normalize_document(doc, origin, keep_source=True)
+    norm.duplicates = duplicates
+    return _checked(norm, overrides, origin, None, scope)
 
 
 __all__ = ["RunConfig", "load_run_config", "load_stored_config"]

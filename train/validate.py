@@ -24,8 +24,11 @@ import yaml
 
 import losses  # noqa: F401  (registers the loss families' implementations)
 from adapters import registry
-from train.config import (Normalized, SECTION_CLASSES, apply_overrides, normalize, type_errors,
-                          unknown_keys)
+from omegaconf import OmegaConf
+from omegaconf.errors import OmegaConfBaseException
+
+from train.config import (Normalized, SECTION_CLASSES, apply_overrides, normalize, plain_data_problems,
+                          type_errors, unknown_keys)
 from train import atomic
 from train.schema import config_data
 from train.errors import (DELETE, ERROR, INFO, LEVEL_ORDER, WARNING, Finding, UserError, coerce_like,
@@ -44,6 +47,8 @@ DISC_KEYS = ("disc_start", "disc_weight", "disc_factor", "disc_num_layers", "dis
 
 def rule_model_type(data: Dict[str, Any], out: List[Finding]) -> Optional[registry.ModelTypeSpec]:
     model_type = data.get("model_type")
+    if model_type is not None and not isinstance(model_type, str):
+        return None     # a list or a mapping: rule_schema reported its type
     if model_type is None:
         out.append(Finding(ERROR, "model_type", "missing_model_type", "no model type given",
                            f"set model_type to one of {', '.join(registry.list_model_types())}"))
@@ -122,6 +127,54 @@ def rule_schema(data: Dict[str, Any], out: List[Finding]) -> None:
                            f"write {key}: {fixed!r}" if fixed is not None else "write a value of the right type "
                            "or remove the key (the default applies)",
                            [(path, fixed)] if fixed is not None else [(path, DELETE)]))
+
+
+def rule_input(norm: Normalized, out: List[Finding]) -> None:
+    """What the file itself gets wrong: keys written twice (the parser would silently keep
+    the last), ``${...}`` interpolations, values that are not plain data."""
+    for where in norm.duplicates:
+        path, _, line = where.partition(" (")
+        out.append(Finding(ERROR, path, "duplicate_key",
+                           f"{path} is written twice in the file{' (' + line if line else ''}; the parser "
+                           "silently keeps the last one", "keep one of them (the value you mean)"))
+    for path, problem, fix in plain_data_problems(norm.data):
+        out.append(Finding(ERROR, path, "interpolation" if "interpolation" in problem else "bad_type",
+                           f"{path}: {problem}", fix))
+
+
+def typed_view(data: Dict[str, Any]) -> Dict[str, Any]:
+    """The normalized data as the typed config will hold it, for the rules to judge.
+
+    ``fit`` runs the rules on the typed config, where OmegaConf has already converted
+    values (``batch_size: "0"`` -> 0, ``use_gan: "no"`` -> False, YAML's ``1e-4`` text ->
+    0.0001); judging the raw text instead let such values pass ``validate`` and then stop
+    ``fit``.  Sections that are not mappings (reported by ``rule_schema``) read as empty
+    here, so no rule trips over them.
+    """
+    view = dict(data)
+    for key, cls in SECTION_CLASSES.items():
+        section = data.get(key)
+        if section is None:
+            continue
+        if not isinstance(section, dict):
+            view[key] = {}
+            continue
+        base = OmegaConf.structured(cls)
+        converted = dict(section)
+        for sub, value in section.items():
+            if not isinstance(sub, str) or sub not in base or sub == "params":
+                continue
+            try:
+                converted[sub] = OmegaConf.to_container(OmegaConf.merge(base, {sub: value}))[sub]
+            except (OmegaConfBaseException, ValueError, TypeError):
+                pass        # a type error: rule_schema reported it
+        view[key] = converted
+    loss = view.get("lossconfig")
+    if isinstance(loss, dict) and not isinstance(loss.get("params", {}), dict):
+        view["lossconfig"] = dict(loss, params={})
+    if not isinstance(view.get("model_args", {}), dict):
+        view["model_args"] = {}
+    return view
 
 
 def rule_extras(norm: Normalized, out: List[Finding]) -> None:
@@ -267,9 +320,11 @@ def rule_codebook_init(data: Dict[str, Any], spec, variant: Optional[str], out: 
 
 def collect(norm: Normalized) -> List[Finding]:
     """Run every rule on a normalized config and return all findings (errors first)."""
-    data = norm.data
     out: List[Finding] = []
-    rule_schema(data, out)
+    rule_input(norm, out)
+    rule_schema(norm.data, out)
+    # The remaining rules judge values as fit will hold them (see typed_view).
+    data = typed_view(norm.data)
     spec = rule_model_type(data, out)
     variant = registry.variant_rule(data, spec, out)
     rule_canonical_names(data, spec, variant, out)
