@@ -61,10 +61,10 @@ from taming.modules.losses.vqperceptual import VQLPIPSWithDiscriminator, adopt_w
 
 from adapters.registry import register_loss_implementation, spec_for_config
 from losses.calculator import GeneratorOutput, LossCalculator, constructor_parameters, param_findings
-from losses.gan import D_LOSSES, disc_factor_at, requires_grad_off
+from losses.gan import D_LOSSES, disc_factor_at, patchgan_findings, requires_grad_off
 from losses.perceptual import build_taming_lpips
 from train.errors import ERROR, Finding, UserError, raise_for_errors
-from train.schema import as_dict, config_data
+from train.schema import DataSection, as_dict, config_data
 
 log = logging.getLogger(__name__)
 
@@ -205,6 +205,12 @@ class TamingLossCalculator(LossCalculator, VQLPIPSWithDiscriminator):
             out.append(Finding(ERROR, "lossconfig.params.disc_loss", "bad_value",
                                f"lossconfig.params.disc_loss {disc_loss!r} is unknown; valid choices: "
                                f"{', '.join(sorted(D_LOSSES))}", f"use one of {', '.join(sorted(D_LOSSES))}"))
+        # Its discriminator is built even with use_gan false (so checkpoints load).
+        size = (data.get("data") or {}).get("image_size", DataSection.image_size)
+        # Text ("64") is converted by build and type-checked by param_findings; numbers are judged here.
+        disc = [None if isinstance(params.get(k), str) else params.get(k)
+                for k in ("disc_in_channels", "disc_num_layers", "disc_ndf")]
+        out += patchgan_findings("lossconfig.params", *disc, size)
         if params.get("disc_conditional"):
             out.append(Finding(ERROR, "lossconfig.params.disc_conditional", "bad_value",
                                "disc_conditional: true needs a conditioning input that VQGAN training never "

@@ -371,6 +371,8 @@ def _empty() -> Dict[str, Any]:
 
 
 def _map_dict(norm: Normalized, prefix: str, values: Dict[str, Any], src: Tuple[str, ...]) -> None:
+    if not isinstance(values, dict):
+        return      # not a mapping: validate reports the section's type
     for key, value in values.items():
         norm.keymap[f"{prefix}.{key}"] = src + (key,)
 
@@ -619,10 +621,12 @@ def type_errors(data: Dict[str, Any]) -> List[Tuple[str, str]]:
                 continue
             try:
                 OmegaConf.merge(base, {sub: value})
-            except OmegaConfBaseException as exc:
+            except (OmegaConfBaseException, TypeError, ValueError) as exc:
+                # (OmegaConf raises a bare TypeError merging a list into a mapping field.)
                 expected = _type_name(cls, sub)
-                problems.append((f"{key}.{sub}", f"{value!r} is not a valid {expected}"
-                                 + ("" if expected else f" ({exc.msg})")))
+                shown = repr(value) if len(repr(value)) <= 80 else repr(value)[:77] + "..."
+                problems.append((f"{key}.{sub}", f"{shown} is not a valid {expected}"
+                                 + ("" if expected else f" ({getattr(exc, 'msg', exc)})")))
     for key in ("model_type", "name"):
         if data.get(key) is not None and not isinstance(data[key], str):
             problems.append((key, f"{data[key]!r} is not a string"))
@@ -688,6 +692,8 @@ def to_structured(data: Dict[str, Any]) -> DictConfig:
         return OmegaConf.merge(schema, clean)
     except OmegaConfBaseException as exc:
         raise UserError(f"config: {exc.full_key or ''}: {exc.msg}") from None
+    except (TypeError, ValueError) as exc:
+        raise UserError(f"config: {exc}") from None
 
 
 # ----------------------------------------------------------------------------------
@@ -757,7 +763,7 @@ def apply_overrides(data: Dict[str, Any], overrides: Sequence[str]) -> Dict[str,
         try:
             if head in SECTION_CLASSES and len(parts) == 2:
                 OmegaConf.merge(OmegaConf.structured(SECTION_CLASSES[head]), {parts[1]: value})
-        except OmegaConfBaseException:
+        except (OmegaConfBaseException, TypeError, ValueError):
             raise UserError(f"override {key!r}: {value!r} is not a valid "
                             f"{_type_name(SECTION_CLASSES[head], parts[1])}") from None
     return data

@@ -262,6 +262,14 @@ def rule_train_values(data: Dict[str, Any], out: List[Finding]) -> None:
         value = train.get(key)
         if is_int(value) and value < 1:
             bad(key, f"train.{key} must be >= 1", f"write a {key} >= 1")
+    if train.get("learning_rate") is None and train.get("base_learning_rate") is None:
+        out.append(Finding(ERROR, "train.learning_rate", "missing_learning_rate",
+                           "no learning rate: neither train.learning_rate nor train.base_learning_rate is set",
+                           "set train.learning_rate (e.g. 4.5e-6) or train.base_learning_rate (taming's, scaled "
+                           "by batch size and GPUs)"))
+    value = train.get("max_epochs")
+    if is_int(value) and value < 1:
+        bad("max_epochs", "train.max_epochs must be >= 1", "write a max_epochs >= 1, or null")
     value = train.get("max_steps")
     if is_int(value) and value < 0:
         bad("max_steps", "train.max_steps must be >= 0", "write a max_steps >= 0, or null (until stopped)")
@@ -276,6 +284,11 @@ def rule_train_values(data: Dict[str, Any], out: List[Finding]) -> None:
         bad("adam_betas", f"train.adam_betas must be two numbers in [0, 1), got {list(betas)}",
             "write e.g. adam_betas: [0.5, 0.9] (taming's)")
     size = (data.get("data") or {}).get("image_size") if isinstance(data.get("data"), dict) else None
+    if is_int(size) and size > registry.MAX_IMAGE_SIZE:
+        out.append(Finding(ERROR, "data.image_size", "too_large",
+                           f"data.image_size is {size}: crops over {registry.MAX_IMAGE_SIZE} pixels per side do not "
+                           "fit in memory", "write an image_size of at most "
+                           f"{registry.MAX_IMAGE_SIZE} (e.g. 256)", [("data.image_size", DELETE)]))
     if is_int(size) and size < 8:
         out.append(Finding(ERROR, "data.image_size", "bad_value",
                            f"data.image_size is {size}: data.image_size must be >= 8 pixels",
