@@ -351,6 +351,10 @@ def dinovq_rules(data: Dict[str, Any], variant: Optional[str], out: List[Finding
                                "make them agree (training crops are square)",
                                [("data.image_size", sizes[0])] if sizes[0] == sizes[-1] else []))
     teacher = data.get("teacher") or {}
+    if teacher.get("dtype", "fp32") not in ("fp32", "bf16"):
+        out.append(Finding(ERROR, "teacher.dtype", "bad_value",
+                           f"teacher.dtype is {teacher['dtype']!r}; valid choices: fp32, bf16", "write dtype: fp32",
+                           [("teacher.dtype", "fp32")]))
     if not teacher.get("ckpt_path") and not teacher.get("allow_random") and not data_section.get("feature_cache"):
         out.append(Finding(WARNING, "teacher.ckpt_path", "teacher_weights_missing",
                            "no DINO teacher weights: fit needs teacher.ckpt_path (a local DINO / DINOv2 checkpoint) "
@@ -383,7 +387,9 @@ def _value_rules(args: Dict[str, Any], out: List[Finding]) -> None:
     typed_elsewhere = ("encoder_embed_dim", "codebook_size", "patch_size", "dino_dim", "disc_start", "disc_dim",
                        "disc_num_layers")     # dinovq_rules reports their types already
     for key, (low, high) in INT_BOUNDS.items():
-        if args.get(key) is not None and (is_int(args[key]) or key not in typed_elsewhere):
+        # null means "same as the encoder" for the decoder's width and heads only.
+        if key in args and not (args[key] is None and key in ("decoder_embed_dim", "decoder_num_heads")) and \
+                (is_int(args[key]) or key not in typed_elsewhere):
             int_findings(out, f"model_args.{key}", args[key], low, high, key)
     for key in ("in_channels", "disc_in_channels"):
         if is_int(args.get(key)) and args[key] != IMAGE_CHANNELS and 1 <= args[key] <= 64:

@@ -82,8 +82,8 @@ def vqvae2_param_rules(data: Dict[str, Any]) -> List[Finding]:
             if not is_number(value):
                 out.append(Finding(ERROR, path, "bad_type", f"{path} must be a number, got {value!r}",
                                    f"write {name}: {getattr(VQVAE2Loss, name)!r}", [(path, DELETE)]))
-            elif value < 0:
-                out.append(Finding(ERROR, path, "bad_value", f"{path} must be >= 0, got {value!r}",
+            elif not value >= 0 or value == float("inf"):     # NaN fails >= too
+                out.append(Finding(ERROR, path, "bad_value", f"{path} must be a finite number >= 0, got {value!r}",
                                    f"write {name}: {getattr(VQVAE2Loss, name)!r}", [(path, DELETE)]))
             elif f.type == "int" and int(value) != value:
                 out.append(Finding(ERROR, path, "bad_type", f"{path} must be an integer, got {value!r}",

@@ -178,6 +178,12 @@ def typed_view(data: Dict[str, Any]) -> Dict[str, Any]:
 
 
 def rule_extras(norm: Normalized, out: List[Finding]) -> None:
+    for key in ("extras", "upstream"):
+        if not isinstance(norm.data.get(key, {}), dict):
+            out.append(Finding(ERROR, key, "bad_type", f"{key}: expected a mapping, got "
+                               f"{type(norm.data[key]).__name__}", f"write {key} as key: value pairs, or remove it",
+                               [(key, DELETE)]))
+            return
     for path in norm.data.get("extras", {}):
         out.append(Finding(WARNING, f"extras.{path}", "ignored_key",
                            f"{path} is not used by this tool and is ignored (kept in the config's extras)",
