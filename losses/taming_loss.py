@@ -106,6 +106,17 @@ def _fp16_autocast(t: torch.Tensor) -> bool:
     return torch.is_autocast_enabled(device) and torch.get_autocast_dtype(device) == torch.float16
 
 
+def _as_whole(value):
+    """``value`` as build would convert it to an int, or None when it would not (or unset)."""
+    if isinstance(value, bool):
+        return None
+    try:
+        number = float(value) if isinstance(value, (str, int, float)) else None
+    except ValueError:
+        return None
+    return int(number) if number is not None and number.is_integer() else None
+
+
 @register_loss_implementation("taming")
 class TamingLossCalculator(LossCalculator, VQLPIPSWithDiscriminator):
     """taming's ``VQLPIPSWithDiscriminator``, built offline, with ``use_gan`` honoured.
@@ -207,9 +218,9 @@ class TamingLossCalculator(LossCalculator, VQLPIPSWithDiscriminator):
                                f"{', '.join(sorted(D_LOSSES))}", f"use one of {', '.join(sorted(D_LOSSES))}"))
         # Its discriminator is built even with use_gan false (so checkpoints load).
         size = (data.get("data") or {}).get("image_size", DataSection.image_size)
-        # Text ("64") is converted by build and type-checked by param_findings; numbers are judged here.
-        disc = [None if isinstance(params.get(k), str) else params.get(k)
-                for k in ("disc_in_channels", "disc_num_layers", "disc_ndf")]
+        # build converts text ("64") and whole floats (64.0) and refuses the rest with its own
+        # message; the sizes of what it would build are judged here.
+        disc = [_as_whole(params.get(k)) for k in ("disc_in_channels", "disc_num_layers", "disc_ndf")]
         out += patchgan_findings("lossconfig.params", *disc, size)
         if params.get("disc_conditional"):
             out.append(Finding(ERROR, "lossconfig.params.disc_conditional", "bad_value",

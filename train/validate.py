@@ -268,11 +268,6 @@ def rule_train_values(data: Dict[str, Any], out: List[Finding]) -> None:
         value = train.get(key)
         if is_int(value) and value < 1:
             bad(key, f"train.{key} must be >= 1", f"write a {key} >= 1")
-    if train.get("learning_rate") is None and train.get("base_learning_rate") is None:
-        out.append(Finding(ERROR, "train.learning_rate", "missing_learning_rate",
-                           "no learning rate: neither train.learning_rate nor train.base_learning_rate is set",
-                           "set train.learning_rate (e.g. 4.5e-6) or train.base_learning_rate (taming's, scaled "
-                           "by batch size and GPUs)"))
     value = train.get("max_epochs")
     if is_int(value) and value < 1:
         bad("max_epochs", "train.max_epochs must be >= 1", "write a max_epochs >= 1, or null")
@@ -301,6 +296,16 @@ def rule_train_values(data: Dict[str, Any], out: List[Finding]) -> None:
                            "write an image_size of at least 8 (e.g. 256)", [("data.image_size", DELETE)]))
 
 
+def rule_learning_rate(data: Dict[str, Any], out: List[Finding]) -> None:
+    """A trainable config names a learning rate (fit has no default to fall back on)."""
+    train = data.get("train") or {}
+    if isinstance(train, dict) and train.get("learning_rate") is None and train.get("base_learning_rate") is None:
+        out.append(Finding(ERROR, "train.learning_rate", "missing_learning_rate",
+                           "no learning rate: neither train.learning_rate nor train.base_learning_rate is set",
+                           "set train.learning_rate (e.g. 4.5e-6) or train.base_learning_rate (taming's, scaled "
+                           "by batch size and GPUs)"))
+
+
 def number_in(value) -> Optional[float]:
     """A number, or text that reads as one (YAML's "1e-4"), as a float; else None."""
     if isinstance(value, str):
@@ -315,6 +320,7 @@ def train_value_findings(cfg) -> List[Finding]:
     """:func:`rule_train_values` on a typed config (the trainer runs the same rules)."""
     out: List[Finding] = []
     rule_train_values(config_data(cfg), out)
+    rule_learning_rate(config_data(cfg), out)
     return out
 
 
@@ -357,6 +363,8 @@ def collect(norm: Normalized) -> List[Finding]:
         spec.rules(data, variant or spec.default_variant, out)
     rule_gan(data, spec, family, out)
     rule_train_values(data, out)
+    if spec is not None:      # only a model this tool trains needs a learning rate
+        rule_learning_rate(data, out)
     rule_codebook_init(data, spec, variant, out)
     rule_extras(norm, out)
     return sorted(out, key=lambda f: LEVEL_ORDER[f.level])
