@@ -44,10 +44,11 @@ from adapters.dino_features import FeatureCache, FeatureShapeError
 from adapters.dino_teacher import DinoTeacher, load_teacher
 from adapters.distributed import all_reduce_sum_
 from adapters.ema_quantizer import ema_step_, pick_code_vectors
-from adapters.registry import LossFamilySpec, check_model_args, get_model_type, register_model_type
+from adapters.registry import (IMAGE_CHANNELS, MAX_BLOCKS, MAX_CODES, MAX_IMAGE_SIZE, MAX_WIDTH, LossFamilySpec,
+                               check_model_args, get_model_type, int_findings, number_findings, register_model_type)
 from train.errors import (ERROR, WARNING, Finding, UserError, is_int, is_number, raise_for_errors,
                           type_finding)
-from train.schema import as_dict, config_data
+from train.schema import DataSection, as_dict, config_data
 
 # Defaults in one visible place (ViT-B / VQ-KD scale).
 DEFAULTS = dict(
@@ -335,9 +336,11 @@ def dinovq_rules(data: Dict[str, Any], variant: Optional[str], out: List[Finding
     for key in ("dino_loss_weight", "recon_loss_weight", "vq_loss_weight", "perceptual_weight", "disc_weight"):
         if key in args and not is_number(args[key]):
             type_finding(out, f"model_args.{key}", args[key], 1.0, "a number")
-    img_size = args.get("img_size")
+    _value_rules(args, out)
+    # Unset sizes are the defaults fit uses (224 for the model, 256 for the crops): they differ.
+    img_size = args.get("img_size", list(DEFAULTS["img_size"]))
     data_section = data.get("data") or {}
-    data_size = data_section.get("image_size")
+    data_size = data_section.get("image_size", DataSection.image_size)
     if img_size is not None and is_int(data_size):
         sizes = img_size if isinstance(img_size, (list, tuple)) else [img_size, img_size]
         if any(s != data_size for s in sizes):
@@ -348,6 +351,10 @@ def dinovq_rules(data: Dict[str, Any], variant: Optional[str], out: List[Finding
                                "make them agree (training crops are square)",
                                [("data.image_size", sizes[0])] if sizes[0] == sizes[-1] else []))
     teacher = data.get("teacher") or {}
+    if teacher.get("dtype", "fp32") not in ("fp32", "bf16"):
+        out.append(Finding(ERROR, "teacher.dtype", "bad_value",
+                           f"teacher.dtype is {teacher['dtype']!r}; valid choices: fp32, bf16", "write dtype: fp32",
+                           [("teacher.dtype", "fp32")]))
     if not teacher.get("ckpt_path") and not teacher.get("allow_random") and not data_section.get("feature_cache"):
         out.append(Finding(WARNING, "teacher.ckpt_path", "teacher_weights_missing",
                            "no DINO teacher weights: fit needs teacher.ckpt_path (a local DINO / DINOv2 checkpoint) "
@@ -359,6 +366,72 @@ def dinovq_rules(data: Dict[str, Any], variant: Optional[str], out: List[Finding
                            "set data.random_crop=false, or drop data.feature_cache to compute features online",
                            [("data.random_crop", False)]))
     out.extend(_geometry_findings(args))
+
+
+# model_args -> (lowest, highest) for the integer arguments; the highs are the registry's
+# shared size bounds, so no config makes fit try to allocate a ViT of absurd width.
+INT_BOUNDS = {"encoder_embed_dim": (1, MAX_WIDTH), "decoder_embed_dim": (1, MAX_WIDTH), "dino_dim": (1, MAX_WIDTH),
+              "codebook_dim": (1, MAX_WIDTH), "codebook_size": (1, MAX_CODES), "patch_size": (1, 256),
+              "encoder_depth": (0, MAX_BLOCKS), "decoder_depth": (0, MAX_BLOCKS), "dino_head_depth": (0, MAX_BLOCKS),
+              "encoder_num_heads": (1, 256), "decoder_num_heads": (1, 256), "disc_dim": (1, MAX_WIDTH),
+              "disc_num_layers": (0, 8), "disc_start": (0, 2 ** 62), "in_channels": (1, 64),
+              "disc_in_channels": (1, 64)}
+BOOL_ARGS = ("use_perceptual", "allow_random_vgg", "use_gan", "disc_adaptive_weight")
+MAX_TOKENS = 4096            # tokens per image (a 64 x 64 grid): attention memory grows with its square
+
+
+def _value_rules(args: Dict[str, Any], out: List[Finding]) -> None:
+    """Types, ranges and sizes of DinoVQ's arguments: what the network and its loss would
+    otherwise reject with a traceback (``int("x")``, division by zero heads, empty codebooks)
+    or try to allocate (``codebook_size: 1e10``)."""
+    typed_elsewhere = ("encoder_embed_dim", "codebook_size", "patch_size", "dino_dim", "disc_start", "disc_dim",
+                       "disc_num_layers")     # dinovq_rules reports their types already
+    for key, (low, high) in INT_BOUNDS.items():
+        # null means "same as the encoder" for the decoder's width and heads only.
+        if key in args and not (args[key] is None and key in ("decoder_embed_dim", "decoder_num_heads")) and \
+                (is_int(args[key]) or key not in typed_elsewhere):
+            int_findings(out, f"model_args.{key}", args[key], low, high, key)
+    for key in ("in_channels", "disc_in_channels"):
+        if is_int(args.get(key)) and args[key] != IMAGE_CHANNELS and 1 <= args[key] <= 64:
+            out.append(Finding(ERROR, f"model_args.{key}", "channels_mismatch",
+                               f"model_args.{key} is {args[key]}, but training images are RGB "
+                               f"({IMAGE_CHANNELS} channels)", f"set {key}: {IMAGE_CHANNELS}",
+                               [(f"model_args.{key}", IMAGE_CHANNELS)]))
+    if "mlp_ratio" in args:
+        number_findings(out, "model_args.mlp_ratio", args["mlp_ratio"], 0.01, 16.0, "mlp_ratio")
+    if "codebook_decay" in args:
+        number_findings(out, "model_args.codebook_decay", args["codebook_decay"], 0.0, 1.0, "the EMA decay",
+                        high_open=True)
+    if "codebook_eps" in args:
+        number_findings(out, "model_args.codebook_eps", args["codebook_eps"], 0.0, 1.0, "the EMA smoothing eps")
+    for key in ("disc_factor",):
+        if key in args and not is_number(args[key]):
+            type_finding(out, f"model_args.{key}", args[key], 1.0, "a number")
+    for key in BOOL_ARGS:
+        if key in args and not isinstance(args[key], bool):
+            out.append(Finding(ERROR, f"model_args.{key}", "bad_type",
+                               f"model_args.{key} is {args[key]!r}; expected true or false", "write true or false"))
+    if "disc_loss" in args and args["disc_loss"] not in ("hinge", "vanilla"):
+        out.append(Finding(ERROR, "model_args.disc_loss", "bad_value",
+                           f"model_args.disc_loss {args['disc_loss']!r} is unknown; valid choices: hinge, vanilla",
+                           "use one of hinge, vanilla"))
+    if args.get("vgg_ckpt_path") is not None and not isinstance(args["vgg_ckpt_path"], str):
+        out.append(Finding(ERROR, "model_args.vgg_ckpt_path", "bad_type",
+                           f"model_args.vgg_ckpt_path is {args['vgg_ckpt_path']!r}; expected a file path",
+                           "write the path of a torchvision vgg16 state dict"))
+    img = args.get("img_size", DEFAULTS["img_size"])
+    sizes = img if isinstance(img, (list, tuple)) else [img, img]
+    patch = args.get("patch_size", DEFAULTS["patch_size"])
+    if len(sizes) == 2 and all(is_int(s) for s in sizes) and is_int(patch) and patch > 0:
+        if max(sizes) > MAX_IMAGE_SIZE:
+            out.append(Finding(ERROR, "model_args.img_size", "too_large",
+                               f"model_args.img_size {img!r} is over {MAX_IMAGE_SIZE} pixels per side",
+                               "use e.g. img_size: 224"))
+        elif (sizes[0] // patch) * (sizes[1] // patch) > MAX_TOKENS:
+            out.append(Finding(ERROR, "model_args.patch_size", "too_large",
+                               f"img_size {img!r} in {patch}-pixel patches is {(sizes[0] // patch) * (sizes[1] // patch)} "
+                               f"tokens per image, over {MAX_TOKENS} (attention memory grows with its square)",
+                               "use a larger patch_size (e.g. 16)"))
 
 
 def student_geometry(cfg) -> Tuple[Tuple[int, int], Tuple[int, int]]:

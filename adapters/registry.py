@@ -227,6 +227,65 @@ def spec_for_config(cfg) -> Tuple[ModelTypeSpec, Optional[str]]:
     return spec, (resolve_variant(spec, variant) if variant else spec.default_variant)
 
 
+# ----------------------------------------------------------------------------------
+# Sizes: bounds every model type's rules share.  Far above any published tokenizer, far
+# below what would make ``fit`` try to allocate terabytes (``n_embed: 1e10``, ``ch: 1e6``)
+# instead of stopping with a finding.
+
+MAX_CODES = 2 ** 20          # codebook entries (LlamaGen / MAGVIT-v2 use up to 2^18)
+MAX_WIDTH = 8192             # channels / embedding width of any layer
+MAX_BLOCKS = 64              # residual or transformer blocks per stack
+MAX_IMAGE_SIZE = 4096        # pixels per side of a training crop or a model's input size
+IMAGE_CHANNELS = 3           # training images are decoded to RGB (train/data.py)
+
+
+def int_findings(out: List[Finding], path: str, value: Any, low: int, high: int, what: str) -> bool:
+    """An error unless ``value`` is an integer in [low, high]; True when it is."""
+    if not (isinstance(value, int) and not isinstance(value, bool)):
+        fixed = None
+        if isinstance(value, float) and value == value and abs(value) < 2 ** 63 and value == int(value):
+            fixed = int(value)
+        out.append(Finding(ERROR, path, "bad_type", f"{path} is {value!r}; expected an integer ({what})",
+                           f"write {path.split('.')[-1]}: {fixed}" if fixed is not None and low <= fixed <= high
+                           else f"write an integer from {low} to {high}",
+                           [(path, fixed)] if fixed is not None and low <= fixed <= high else []))
+        return False
+    if not low <= value <= high:
+        bound = f">= {low}" if value < low else f"<= {high}"
+        out.append(Finding(ERROR, path, "bad_value" if value < low else "too_large",
+                           f"{path} is {value}; {what} must be {bound}",
+                           f"write a {path.split('.')[-1]} from {low} to {high}"))
+        return False
+    return True
+
+
+def number_findings(out: List[Finding], path: str, value: Any, low: float, high: float, what: str,
+                    high_open: bool = False) -> bool:
+    """An error unless ``value`` is a finite number in [low, high] (or [low, high))."""
+    ok = isinstance(value, (int, float)) and not isinstance(value, bool) and value == value and \
+        low <= value and (value < high if high_open else value <= high)
+    if not ok:
+        span = f"[{low:g}, {high:g}{')' if high_open else ']'}"
+        out.append(Finding(ERROR, path, "bad_value" if isinstance(value, (int, float)) else "bad_type",
+                           f"{path} is {value!r}; {what} must be a number in {span}",
+                           f"write a number in {span}"))
+    return ok
+
+
+def file_findings(out: List[Finding], path: str, value: Any, what: str) -> None:
+    """A file the config names (e.g. ``ckpt_path``) must be text naming an existing file."""
+    import os
+
+    if value is None:
+        return
+    if not isinstance(value, str) or not value:
+        out.append(Finding(ERROR, path, "bad_type", f"{path} is {value!r}; expected the path of {what}",
+                           f"write the path of {what}, or remove {path.split('.')[-1]}"))
+    elif not os.path.isfile(value):
+        out.append(Finding(ERROR, path, "file_not_found", f"{path}: file not found: {value}",
+                           f"check the path of {what}, or remove {path.split('.')[-1]}"))
+
+
 def model_arg_findings(spec: ModelTypeSpec, data: Dict[str, Any], variant: Optional[str]) -> List[Finding]:
     """Findings for ``model_args`` names the type does not take (``spec.accepted_args``).
 

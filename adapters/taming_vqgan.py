@@ -43,13 +43,15 @@ from torch import nn
 
 from adapters.contract import Tokenizer
 from adapters.ema_quantizer import EMAVectorQuantizer
-from adapters.registry import (LossFamilySpec, RegistryError, VariantSpec, canonical_loss_target,
-                               check_model_args, get_model_type, register_model_type, resolve_variant)
+from adapters.registry import (IMAGE_CHANNELS, MAX_BLOCKS, MAX_CODES, MAX_IMAGE_SIZE, MAX_WIDTH, LossFamilySpec,
+                               RegistryError, VariantSpec, canonical_loss_target, check_model_args, file_findings,
+                               get_model_type, int_findings, number_findings, register_model_type,
+                               resolve_variant)
 from adapters.weights import (drop_prefixes, load_checkpoint_state_dict, load_model_weights,
                               strip_wrapper_prefixes)
 from train.errors import (ERROR, WARNING, Finding, UserError, coerce_like, is_int, raise_for_errors,
                           type_finding)
-from train.schema import as_dict
+from train.schema import DataSection, as_dict
 
 VARIANTS = ("VQ", "EMAVQ", "Gumbel", "NoDisc")
 
@@ -333,6 +335,7 @@ def taming_rules(data: Dict[str, Any], variant: Optional[str], out: List[Finding
         out.append(Finding(ERROR, "model_args.remap", "file_not_found",
                            f"remap: file not found: {remap}",
                            "give the .npy file of used code indices or remove remap"))
+    _argument_value_rules(args, out)
     dd = args.get("ddconfig")
     if dd is None:
         return
@@ -408,6 +411,7 @@ def taming_rules(data: Dict[str, Any], variant: Optional[str], out: List[Finding
             out.append(Finding(ERROR, "model_args.ddconfig.resolution", "bad_value",
                                f"resolution {resolution} is not divisible by the total downsampling "
                                f"{2 ** (len(ch_mult) - 1)}", "use a multiple of it"))
+    _size_rules(args, dd, ch_mult, data, out)
     params = (data.get("lossconfig") or {}).get("params") or {}
     if isinstance(params, dict) and "disc_in_channels" in params and is_int(dd.get("out_ch")):
         if params["disc_in_channels"] != dd["out_ch"]:
@@ -416,6 +420,92 @@ def taming_rules(data: Dict[str, Any], variant: Optional[str], out: List[Finding
                                f"{dd['out_ch']}: the discriminator could not read the reconstructions",
                                f"set disc_in_channels: {dd['out_ch']}",
                                [("lossconfig.params.disc_in_channels", dd["out_ch"])]))
+
+
+def _argument_value_rules(args: Dict[str, Any], out: List[Finding]) -> None:
+    """Values the builder converts (``float(beta)``, ``int(colorize_nlabels)``) or hands to
+    upstream modules: wrong types would stop ``fit`` with a traceback."""
+    for key in ("beta", "kl_weight", "temp_init"):
+        if key in args:
+            number_findings(out, f"model_args.{key}", args[key], 0.0, 1e6, key)
+    if "decay" in args:
+        number_findings(out, "model_args.decay", args["decay"], 0.0, 1.0, "the EMA decay", high_open=True)
+    if "eps" in args:
+        number_findings(out, "model_args.eps", args["eps"], 0.0, 1.0, "the EMA smoothing eps")
+    if args.get("colorize_nlabels") is not None:
+        int_findings(out, "model_args.colorize_nlabels", args["colorize_nlabels"], 1, 4096, "label count")
+    for key in ("sane_index_shape", "straight_through"):
+        if key in args and not isinstance(args[key], bool):
+            out.append(Finding(ERROR, f"model_args.{key}", "bad_type",
+                               f"model_args.{key} is {args[key]!r}; expected true or false", "write true or false"))
+    if args.get("remap") is not None and not isinstance(args["remap"], str):
+        out.append(Finding(ERROR, "model_args.remap", "bad_type", f"model_args.remap is {args['remap']!r}; "
+                           "expected the path of a .npy file", "write the path, or remove remap"))
+    file_findings(out, "model_args.ckpt_path", args.get("ckpt_path"), "a checkpoint to load")
+    keys = args.get("ignore_keys")
+    if keys is not None and not isinstance(keys, str) and not (
+            isinstance(keys, list) and all(isinstance(k, str) for k in keys)):
+        out.append(Finding(ERROR, "model_args.ignore_keys", "bad_type",
+                           f"model_args.ignore_keys is {keys!r}; expected a list of state-dict key prefixes",
+                           "write e.g. ignore_keys: [loss.discriminator]"))
+    if args.get("temperature_scheduler_config") is not None:
+        try:
+            scheduler = _build_temperature_scheduler(args["temperature_scheduler_config"])
+            float(scheduler(0))
+        except UserError as exc:
+            out.append(Finding(ERROR, "model_args.temperature_scheduler_config", "bad_value", str(exc),
+                               "give {target: taming.lr_scheduler.<class>, params: {...}} with that class's "
+                               "arguments, or remove it"))
+        except Exception as exc:   # the scheduler's own arithmetic on these values
+            out.append(Finding(ERROR, "model_args.temperature_scheduler_config", "bad_value",
+                               f"model_args.temperature_scheduler_config fails at step 0 "
+                               f"({type(exc).__name__}: {exc})", "check its params (numbers, steps)"))
+
+
+def _size_rules(args: Dict[str, Any], dd: Dict[str, Any], ch_mult, data: Dict[str, Any],
+                out: List[Finding]) -> None:
+    """Sizes fit could not allocate, channels the RGB data cannot feed, crops the
+    down-sampling cannot divide."""
+    if is_int(args.get("n_embed")) and args["n_embed"] > 0:
+        int_findings(out, "model_args.n_embed", args["n_embed"], 1, MAX_CODES, "the codebook size")
+    if is_int(args.get("embed_dim")) and args["embed_dim"] > 0:
+        int_findings(out, "model_args.embed_dim", args["embed_dim"], 1, MAX_WIDTH, "the code width")
+    for key, high in (("z_channels", MAX_WIDTH), ("num_res_blocks", MAX_BLOCKS), ("resolution", MAX_IMAGE_SIZE)):
+        if is_int(dd.get(key)) and dd[key] > 0:
+            int_findings(out, f"model_args.ddconfig.{key}", dd[key], 1, high, key)
+    if ch_mult and len(ch_mult) > 12:
+        out.append(Finding(ERROR, "model_args.ddconfig.ch_mult", "too_large",
+                           f"ddconfig.ch_mult has {len(ch_mult)} levels; each halves the image, 12 at most",
+                           "use e.g. ch_mult: [1, 1, 2, 2, 4]"))
+        ch_mult = None
+    if ch_mult and is_int(dd.get("ch")) and dd["ch"] > 0 and all(m > 0 for m in ch_mult):
+        widest = dd["ch"] * max(ch_mult)
+        if widest > MAX_WIDTH:
+            out.append(Finding(ERROR, "model_args.ddconfig.ch", "too_large",
+                               f"the widest layer (ch {dd['ch']} x ch_mult {max(ch_mult)} = {widest} channels) is "
+                               f"over {MAX_WIDTH}", "use a smaller ch (e.g. 128)"))
+    for key in ("in_channels", "out_ch"):
+        if is_int(dd.get(key)) and dd[key] > 0 and dd[key] != IMAGE_CHANNELS:
+            role = "reads" if key == "in_channels" else "writes"
+            out.append(Finding(ERROR, f"model_args.ddconfig.{key}", "channels_mismatch",
+                               f"ddconfig.{key} is {dd[key]}: the model {role} {dd[key]}-channel images, but training "
+                               f"images are RGB ({IMAGE_CHANNELS} channels)", f"set {key}: {IMAGE_CHANNELS}",
+                               [(f"model_args.ddconfig.{key}", IMAGE_CHANNELS)]))
+    if "dropout" in dd:
+        number_findings(out, "model_args.ddconfig.dropout", dd["dropout"], 0.0, 1.0, "dropout", high_open=True)
+    attn = dd.get("attn_resolutions")
+    if attn is not None and not (isinstance(attn, list) and all(is_int(a) for a in attn)):
+        out.append(Finding(ERROR, "model_args.ddconfig.attn_resolutions", "bad_type",
+                           f"ddconfig.attn_resolutions is {attn!r}; expected a list of integers",
+                           "write e.g. attn_resolutions: [16] ([] for none)"))
+    size = (data.get("data") or {}).get("image_size", DataSection.image_size)
+    if ch_mult and is_int(size) and size > 0 and size % (2 ** (len(ch_mult) - 1)):
+        factor = 2 ** (len(ch_mult) - 1)
+        fixed = max(factor, size // factor * factor)
+        out.append(Finding(ERROR, "data.image_size", "crop_not_divisible",
+                           f"data.image_size {size} is not divisible by the down-sampling factor {factor} "
+                           f"(2 ** (len(ch_mult) - 1)): the reconstruction would not match the input's size",
+                           f"use e.g. image_size: {fixed}", [("data.image_size", fixed)]))
 
 
 def _build_temperature_scheduler(config):

@@ -46,8 +46,8 @@ from torch import nn
 from adapters.contract import Tokenizer
 from adapters.distributed import all_reduce_sum_
 from adapters.ema_quantizer import ema_step_, pick_code_vectors
-from adapters.registry import (LossFamilySpec, check_model_args, get_model_type, register_model_type,
-                               variant_findings)
+from adapters.registry import (IMAGE_CHANNELS, MAX_BLOCKS, MAX_CODES, MAX_WIDTH, LossFamilySpec, check_model_args,
+                               file_findings, get_model_type, register_model_type, variant_findings)
 from train.errors import ERROR, Finding, UserError, is_int, is_number, raise_for_errors, type_finding
 from train.schema import config_data
 from train.safe_load import UnreadableFile, load_weights_file
@@ -336,6 +336,20 @@ def vqvae2_rules(data: Dict[str, Any], variant: Optional[str], out: List[Finding
             out.append(Finding(ERROR, f"model_args.{key}", "bad_value",
                                f"model_args.{key} is {value}; {key} must be >= {minimum}",
                                f"set {key} to a {'non-negative' if minimum == 0 else 'positive'} integer"))
+    bounds = {"in_channel": IMAGE_CHANNELS, "channel": MAX_WIDTH, "n_res_channel": MAX_WIDTH,
+              "embed_dim": MAX_WIDTH, "n_embed": MAX_CODES, "n_res_block": MAX_BLOCKS}
+    for key, high in bounds.items():
+        if is_int(args.get(key)) and args[key] > high:
+            what = "training images are RGB: in_channel" if key == "in_channel" else key
+            out.append(Finding(ERROR, f"model_args.{key}", "too_large" if key != "in_channel" else "channels_mismatch",
+                               f"model_args.{key} is {args[key]}; {what} must be <= {high}",
+                               f"set {key}: {high}" if key == "in_channel" else f"use a {key} of at most {high}"))
+    if is_int(args.get("in_channel")) and 0 < args["in_channel"] < IMAGE_CHANNELS:
+        out.append(Finding(ERROR, "model_args.in_channel", "channels_mismatch",
+                           f"model_args.in_channel is {args['in_channel']}, but training images are RGB "
+                           f"({IMAGE_CHANNELS} channels)", f"set in_channel: {IMAGE_CHANNELS}",
+                           [("model_args.in_channel", IMAGE_CHANNELS)]))
+    file_findings(out, "model_args.ckpt_path", args.get("ckpt_path"), "a rosinality vqvae_*.pt state dict")
     channel = args.get("channel")
     if is_int(channel) and channel == 1:
         out.append(Finding(ERROR, "model_args.channel", "bad_value",

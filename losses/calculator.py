@@ -57,6 +57,12 @@ def param_findings(family: str, params: Dict[str, Any], signature: Dict[str, ins
         if not check_types:
             continue
         default = signature[key].default
+        if value is None and default not in (inspect.Parameter.empty, None):
+            # null is not "the default": the constructor would get None and fail.
+            out.append(Finding(ERROR, path, "bad_type", f"{path} is null; expected {type(default).__name__} "
+                               f"(default {default!r})", f"remove {key} to get the default, or write a value",
+                               [(path, DELETE)]))
+            continue
         if default is inspect.Parameter.empty or default is None or value is None:
             if key == "disc_start" and not is_int(value):
                 type_finding(out, path, value, 0, "an integer (steps)")

@@ -46,10 +46,10 @@ from adapters.dino_features import FeatureShapeError
 from adapters.dinovq import LOSS_ARG_NAMES, dinovq_rules, student_geometry
 from adapters.registry import register_loss_implementation
 from losses.calculator import GeneratorOutput, LossCalculator, constructor_parameters, param_findings
-from losses.gan import adaptive_weight, build_discriminator, disc_factor_at, get_d_loss, requires_grad_off
+from losses.gan import adaptive_weight, build_discriminator, patchgan_findings, disc_factor_at, get_d_loss, requires_grad_off
 from losses.perceptual import build_taming_lpips
 from train.errors import Finding, UserError, raise_for_errors
-from train.schema import as_dict, config_data
+from train.schema import DataSection, as_dict, config_data
 
 log = logging.getLogger(__name__)
 
@@ -266,7 +266,15 @@ class DinoVQLossCalculator(LossCalculator):
         """DinoVQ's loss settings live in model_args (checked by the DinoVQ rules); anything
         in ``lossconfig.params`` must at least be a ``DinoVQLoss`` argument."""
         params = (data.get("lossconfig") or {}).get("params") or {}
-        return param_findings("dinovq", params, constructor_parameters(DinoVQLoss), check_types)
+        out = param_findings("dinovq", params, constructor_parameters(DinoVQLoss), check_types)
+        args = data.get("model_args") or {}
+        if isinstance(args, dict) and args.get("use_gan") is True and (data.get("train") or {}).get("use_gan", True):
+            # The discriminator settings live in model_args; their types are the DinoVQ rules' say.
+            size = (data.get("data") or {}).get("image_size", DataSection.image_size)
+            disc = [args.get(k) if isinstance(args.get(k), int) else None
+                    for k in ("disc_in_channels", "disc_num_layers", "disc_dim")]
+            out += [f for f in patchgan_findings("model_args", *disc, size) if f.code == "disc_too_deep"]
+        return out
 
     # ---- attributes the trainer reads ---------------------------------------------------
     @property

@@ -7,11 +7,14 @@ at the decoder's last layer L, clamped to [0, 1e4], times ``disc_weight``.
 """
 from __future__ import annotations
 
-from typing import Callable, Dict
+from typing import Any, Callable, Dict, List
 
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+from adapters.registry import MAX_WIDTH, int_findings
+from train.errors import ERROR, Finding, is_int
 
 
 def hinge_d_loss(logits_real: torch.Tensor, logits_fake: torch.Tensor) -> torch.Tensor:
@@ -38,6 +41,34 @@ def build_discriminator(in_channels: int = 3, n_layers: int = 3, ndf: int = 64,
 
     return NLayerDiscriminator(input_nc=in_channels, n_layers=n_layers, use_actnorm=use_actnorm,
                                ndf=ndf).apply(weights_init)
+
+
+# PatchGAN depth: each of n_layers stride-2 convolutions halves the crop, then two stride-1
+# 4x4 convolutions each take one pixel off; at least one output pixel must remain.
+MAX_DISC_LAYERS = 8
+
+
+def patchgan_findings(prefix: str, in_channels: Any, n_layers: Any, ndf: Any, image_size: Any) -> List[Finding]:
+    """Discriminator sizes the PatchGAN can be built with and run on ``image_size`` crops.
+
+    ``prefix`` is where the settings live (``lossconfig.params`` or ``model_args``); None
+    values are the defaults and not checked."""
+    out: List[Finding] = []
+    names = {"in": "disc_in_channels", "layers": "disc_num_layers", "ndf": "disc_ndf" if "loss" in prefix
+             else "disc_dim"}
+    if in_channels is not None:
+        int_findings(out, f"{prefix}.{names['in']}", in_channels, 1, 64, "the discriminator's input channels")
+    if ndf is not None:
+        int_findings(out, f"{prefix}.{names['ndf']}", ndf, 1, MAX_WIDTH, "the discriminator's width")
+    if n_layers is not None and int_findings(out, f"{prefix}.{names['layers']}", n_layers, 0, MAX_DISC_LAYERS,
+                                             "the discriminator's depth") and is_int(image_size) and image_size > 0:
+        if image_size // (2 ** n_layers) - 2 < 1:
+            fit_layers = max(0, (image_size // 3).bit_length() - 1)
+            out.append(Finding(ERROR, f"{prefix}.{names['layers']}", "disc_too_deep",
+                               f"{n_layers} discriminator layers halve a {image_size}-pixel crop {n_layers} times: "
+                               "no output pixel is left for the PatchGAN's last convolutions",
+                               f"use {names['layers']}: {fit_layers} or fewer (or larger crops)"))
+    return out
 
 
 def adaptive_weight(nll_loss: torch.Tensor, g_loss: torch.Tensor, last_layer: torch.Tensor,

@@ -61,10 +61,10 @@ from taming.modules.losses.vqperceptual import VQLPIPSWithDiscriminator, adopt_w
 
 from adapters.registry import register_loss_implementation, spec_for_config
 from losses.calculator import GeneratorOutput, LossCalculator, constructor_parameters, param_findings
-from losses.gan import D_LOSSES, disc_factor_at, requires_grad_off
+from losses.gan import D_LOSSES, disc_factor_at, patchgan_findings, requires_grad_off
 from losses.perceptual import build_taming_lpips
 from train.errors import ERROR, Finding, UserError, raise_for_errors
-from train.schema import as_dict, config_data
+from train.schema import DataSection, as_dict, config_data
 
 log = logging.getLogger(__name__)
 
@@ -104,6 +104,17 @@ def _drop_perceptual_keys(module, state_dict, prefix, *_args) -> None:
 def _fp16_autocast(t: torch.Tensor) -> bool:
     device = t.device.type
     return torch.is_autocast_enabled(device) and torch.get_autocast_dtype(device) == torch.float16
+
+
+def _as_whole(value):
+    """``value`` as build would convert it to an int, or None when it would not (or unset)."""
+    if isinstance(value, bool):
+        return None
+    try:
+        number = float(value) if isinstance(value, (str, int, float)) else None
+    except ValueError:
+        return None
+    return int(number) if number is not None and number.is_integer() else None
 
 
 @register_loss_implementation("taming")
@@ -205,6 +216,12 @@ class TamingLossCalculator(LossCalculator, VQLPIPSWithDiscriminator):
             out.append(Finding(ERROR, "lossconfig.params.disc_loss", "bad_value",
                                f"lossconfig.params.disc_loss {disc_loss!r} is unknown; valid choices: "
                                f"{', '.join(sorted(D_LOSSES))}", f"use one of {', '.join(sorted(D_LOSSES))}"))
+        # Its discriminator is built even with use_gan false (so checkpoints load).
+        size = (data.get("data") or {}).get("image_size", DataSection.image_size)
+        # build converts text ("64") and whole floats (64.0) and refuses the rest with its own
+        # message; the sizes of what it would build are judged here.
+        disc = [_as_whole(params.get(k)) for k in ("disc_in_channels", "disc_num_layers", "disc_ndf")]
+        out += patchgan_findings("lossconfig.params", *disc, size)
         if params.get("disc_conditional"):
             out.append(Finding(ERROR, "lossconfig.params.disc_conditional", "bad_value",
                                "disc_conditional: true needs a conditioning input that VQGAN training never "

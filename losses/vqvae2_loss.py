@@ -38,7 +38,7 @@ from losses import gan
 from losses.calculator import GeneratorOutput, LossCalculator, constructor_parameters, param_findings
 from losses.perceptual import build_taming_lpips
 from train.errors import DELETE, ERROR, Finding, UserError, is_number, raise_for_errors
-from train.schema import as_dict, config_data
+from train.schema import DataSection, as_dict, config_data
 
 log = logging.getLogger(__name__)
 
@@ -82,8 +82,8 @@ def vqvae2_param_rules(data: Dict[str, Any]) -> List[Finding]:
             if not is_number(value):
                 out.append(Finding(ERROR, path, "bad_type", f"{path} must be a number, got {value!r}",
                                    f"write {name}: {getattr(VQVAE2Loss, name)!r}", [(path, DELETE)]))
-            elif value < 0:
-                out.append(Finding(ERROR, path, "bad_value", f"{path} must be >= 0, got {value!r}",
+            elif not value >= 0 or value == float("inf"):     # NaN fails >= too
+                out.append(Finding(ERROR, path, "bad_value", f"{path} must be a finite number >= 0, got {value!r}",
                                    f"write {name}: {getattr(VQVAE2Loss, name)!r}", [(path, DELETE)]))
             elif f.type == "int" and int(value) != value:
                 out.append(Finding(ERROR, path, "bad_type", f"{path} must be an integer, got {value!r}",
@@ -99,6 +99,10 @@ def vqvae2_param_rules(data: Dict[str, Any]) -> List[Finding]:
         out.append(Finding(ERROR, "lossconfig.params.disc_loss", "bad_value",
                            f"lossconfig.params.disc_loss {disc_loss!r} is unknown; valid choices: "
                            f"{', '.join(sorted(gan.D_LOSSES))}", f"use one of {', '.join(sorted(gan.D_LOSSES))}"))
+    if (data.get("train") or {}).get("use_gan", True):
+        size = (data.get("data") or {}).get("image_size", DataSection.image_size)
+        disc = [raw.get(k) if is_number(raw.get(k)) else None for k in ("disc_in_channels", "disc_num_layers", "disc_ndf")]
+        out += [f for f in gan.patchgan_findings("lossconfig.params", *disc, size) if f.code != "bad_type"]
     model_in = (data.get("model_args") or {}).get("in_channel", 3)
     channels = raw.get("disc_in_channels", VQVAE2Loss.disc_in_channels)
     if (data.get("train") or {}).get("use_gan", True) and is_number(channels) and channels != model_in:

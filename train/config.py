@@ -101,46 +101,250 @@ class Normalized:
     ignored: Dict[str, Tuple[str, ...]] = field(default_factory=dict)
     # notes made while normalizing (renames applied): (dotted path, message)
     notes: List[Tuple[str, str]] = field(default_factory=list)
+    # keys written twice in the source file (the parser keeps the last): "a.b (line 3)"
+    duplicates: List[str] = field(default_factory=list)
 
 
 # ----------------------------------------------------------------------------------
 # Parsing
 
-def read_document(path: str) -> Tuple[Any, str]:
-    """Parse a JSON or YAML file.  Returns (document, syntax) with syntax "json"|"yaml"."""
+# ----------------------------------------------------------------------------------
+# Bounded reading.  A config is a few hundred values; these limits sit far above any real
+# one and far below what would hang or exhaust the machine (a 1.7 KB YAML alias bomb
+# expands to ~10^9 values; a 10^5-deep list overflows the parser's recursion).
+
+MAX_CONFIG_BYTES = 4 * 1024 * 1024     # file size
+MAX_DEPTH = 50                         # nesting of mappings / lists
+MAX_VALUES = 100_000                   # values after YAML aliases are expanded
+MAX_NUMBER_DIGITS = 40                 # digits of one integer literal (2**128 has 39)
+
+
+def _too_long_number(origin: str, text: str, where: str = "") -> ConfigFileError:
+    return ConfigFileError(f"{origin}{where}: a number with {len(text.lstrip('+-'))} digits; no setting takes "
+                           f"more than {MAX_NUMBER_DIGITS} digits; write a normal-sized value")
+
+
+def _json_int(origin: str):
+    def parse(text: str) -> int:
+        # json would call int() itself and fail past 4300 digits with a bare ValueError.
+        if len(text.lstrip("-")) > MAX_NUMBER_DIGITS:
+            raise _too_long_number(origin, text)
+        return int(text)
+    return parse
+
+
+def _json_duplicates_hook(duplicates: Dict[int, List[str]]):
+    """object_pairs_hook that keeps json's last-wins dict but records repeated keys,
+    by the id of the dict they end up in (paths are filled in by :func:`_dict_paths`)."""
+    def hook(pairs):
+        out: Dict[str, Any] = {}
+        repeated = []
+        for key, value in pairs:
+            if key in out and key not in repeated:
+                repeated.append(key)
+            out[key] = value
+        if repeated:
+            duplicates[id(out)] = repeated
+        return out
+    return hook
+
+
+def _walk_depth(doc: Any, origin: str) -> None:
+    """Refuse nesting deeper than MAX_DEPTH (iteratively: deep input must not recurse)."""
+    stack = [(doc, 1)]
+    while stack:
+        node, depth = stack.pop()
+        if depth > MAX_DEPTH:
+            raise ConfigFileError(f"{origin}: nested more than {MAX_DEPTH} levels deep; a config needs a few "
+                                  "levels; flatten the structure")
+        if isinstance(node, dict):
+            stack.extend((v, depth + 1) for v in node.values())
+        elif isinstance(node, list):
+            stack.extend((v, depth + 1) for v in node)
+
+
+def _dict_paths(doc: Any, wanted: Dict[int, List[str]]) -> List[str]:
+    """Dotted paths of the repeated keys recorded in ``wanted`` (dict id -> keys)."""
+    found: List[str] = []
+    stack: List[Tuple[Any, str]] = [(doc, "")]
+    while stack and wanted:
+        node, prefix = stack.pop()
+        if isinstance(node, dict):
+            for key in wanted.get(id(node), ()):
+                found.append(f"{prefix}{key}")
+            stack.extend((v, f"{prefix}{k}.") for k, v in node.items())
+        elif isinstance(node, list):
+            stack.extend((v, f"{prefix}{i}.") for i, v in enumerate(node))
+    return sorted(found)
+
+
+def load_json_text(text: str, origin: str) -> Tuple[Any, List[str]]:
+    """Parse JSON text with the limits above.  Returns (document, repeated key paths)."""
+    duplicates: Dict[int, List[str]] = {}
+    try:
+        doc = json.loads(text, object_pairs_hook=_json_duplicates_hook(duplicates), parse_int=_json_int(origin))
+    except json.JSONDecodeError as exc:
+        raise ConfigFileError(f"{origin}:{exc.lineno}:{exc.colno}: invalid JSON: {exc.msg}; "
+                              "fix the syntax at that line") from None
+    except RecursionError:
+        raise ConfigFileError(f"{origin}: nested more than {MAX_DEPTH} levels deep; a config needs a few "
+                              "levels; flatten the structure") from None
+    _walk_depth(doc, origin)
+    return doc, _dict_paths(doc, duplicates)
+
+
+class _BoundedLoader(yaml.SafeLoader):
+    """PyYAML's SafeLoader with the limits above, and repeated keys recorded, not merged.
+
+    Composing builds a node graph in which an alias is one shared node, so it stays as
+    small as the text; the expanded size is then counted over that graph (each node once,
+    memoised) before any Python object is built, which is where a bomb would explode.
+    """
+
+    origin = "config"
+
+    def __init__(self, stream):
+        super().__init__(stream)
+        self._depth = 0
+        self.duplicates: List[str] = []
+
+    def compose_node(self, parent, index):
+        self._depth += 1
+        try:
+            if self._depth > MAX_DEPTH:
+                mark = self.peek_event().start_mark
+                raise ConfigFileError(f"{self.origin}:{mark.line + 1}: nested more than {MAX_DEPTH} levels deep; "
+                                      "a config needs a few levels; flatten the structure")
+            return super().compose_node(parent, index)
+        finally:
+            self._depth -= 1
+
+    def construct_document(self, node):
+        self._check_graph(node)
+        return super().construct_document(node)
+
+    def _check_graph(self, root) -> None:
+        sizes: Dict[int, int] = {}
+        on_path: set = set()
+        # Iterative post-order walk: (node, dotted path, children done?)
+        stack = [(root, "", False)]
+        while stack:
+            node, path, done = stack.pop()
+            key = id(node)
+            if done:
+                on_path.discard(key)
+                children = _yaml_children(node)
+                sizes[key] = 1 + sum(sizes[id(c)] for _, c in children)
+                if sizes[key] > MAX_VALUES:
+                    raise ConfigFileError(
+                        f"{self.origin}: the document expands to more than {MAX_VALUES} values through YAML "
+                        "aliases (*name); a config needs far fewer; write the values out instead of nesting aliases")
+                continue
+            if key in sizes:
+                continue
+            if key in on_path:
+                mark = node.start_mark
+                raise ConfigFileError(f"{self.origin}:{mark.line + 1}: a YAML alias refers to a value that contains "
+                                      "it (an endless loop); write the value out instead")
+            on_path.add(key)
+            stack.append((node, path, True))
+            if isinstance(node, yaml.MappingNode):
+                seen: Dict[Tuple[str, str], int] = {}
+                for key_node, _ in node.value:
+                    if isinstance(key_node, yaml.ScalarNode) and key_node.tag != "tag:yaml.org,2002:merge":
+                        ident = (key_node.tag, key_node.value)
+                        if ident in seen and seen[ident] == 1:
+                            self.duplicates.append(f"{path}{key_node.value} (line {key_node.start_mark.line + 1})")
+                        seen[ident] = seen.get(ident, 0) + 1
+            for label, child in _yaml_children(node):
+                if id(child) not in sizes:
+                    stack.append((child, f"{path}{label}.", False))
+
+    def construct_yaml_int(self, node):
+        digits = node.value.replace("_", "").lstrip("+-")
+        if len(digits) > MAX_NUMBER_DIGITS:
+            raise _too_long_number(self.origin, node.value, f":{node.start_mark.line + 1}")
+        return super().construct_yaml_int(node)
+
+    def construct_yaml_timestamp(self, node):
+        # A date-like value (``name: 2024-01-01``) stays text: the config schema has no dates.
+        return self.construct_scalar(node)
+
+
+_BoundedLoader.add_constructor("tag:yaml.org,2002:int", _BoundedLoader.construct_yaml_int)
+_BoundedLoader.add_constructor("tag:yaml.org,2002:timestamp", _BoundedLoader.construct_yaml_timestamp)
+
+
+def _yaml_children(node) -> List[Tuple[str, Any]]:
+    if isinstance(node, yaml.MappingNode):
+        out = []
+        for k, v in node.value:
+            label = k.value if isinstance(k, yaml.ScalarNode) else "?"
+            out.append((f"{label}#key", k))
+            out.append((label, v))
+        return out
+    if isinstance(node, yaml.SequenceNode):
+        return [(str(i), v) for i, v in enumerate(node.value)]
+    return []
+
+
+def load_yaml_text(text: str, origin: str) -> Tuple[Any, List[str]]:
+    """Parse YAML text with the limits above.  Returns (document, repeated key paths).
+
+    Unusable text raises ``ConfigFileError`` naming the line."""
+    loader = _BoundedLoader(text)
+    loader.origin = origin
+    try:
+        doc = loader.get_single_data()
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f":{mark.line + 1}:{mark.column + 1}" if mark is not None else ""
+        problem = getattr(exc, "problem", None) or str(exc).splitlines()[0]
+        raise ConfigFileError(f"{origin}{where}: invalid YAML: {problem}; fix the syntax at that line") from None
+    except RecursionError:
+        raise ConfigFileError(f"{origin}: nested more than {MAX_DEPTH} levels deep; a config needs a few "
+                              "levels; flatten the structure") from None
+    finally:
+        loader.dispose()
+    return doc, loader.duplicates
+
+
+def read_config_file(path: str) -> Tuple[Any, str, List[str]]:
+    """Parse a JSON or YAML file.  Returns (document, syntax, repeated key paths), syntax
+    "json"|"yaml".  Unusable files raise ``ConfigFileError`` (exit 2) naming the problem."""
     if not os.path.exists(path):
         raise ConfigFileError(f"{path}: no such file; check the path")
     if os.path.isdir(path):
         raise ConfigFileError(f"{path}: is a directory, not a config file; name a .json or .yaml file")
     try:
         with open(path, "r", encoding="utf-8") as fh:
-            text = fh.read()
+            # Bounded read: a device or pipe (/dev/zero) must not fill the memory.
+            text = fh.read(MAX_CONFIG_BYTES + 1)
     except UnicodeDecodeError:
         raise ConfigFileError(f"{path}: not a text file; name a .json or .yaml config") from None
     except OSError as exc:
         raise ConfigFileError(f"{path}: cannot be read ({exc.strerror})") from None
+    if len(text) > MAX_CONFIG_BYTES:
+        raise ConfigFileError(f"{path}: larger than {MAX_CONFIG_BYTES // (1024 * 1024)} MiB; a config is a few KB; "
+                              "name the config file, not a data or checkpoint file")
     if not text.strip():
         raise ConfigFileError(f"{path}: the file is empty; it should hold a JSON or YAML config")
     is_json = path.lower().endswith(".json") or text.lstrip().startswith("{")
     if is_json:
-        try:
-            doc = json.loads(text)
-        except json.JSONDecodeError as exc:
-            raise ConfigFileError(f"{path}:{exc.lineno}:{exc.colno}: invalid JSON: {exc.msg}; "
-                                  "fix the syntax at that line") from None
+        doc, duplicates = load_json_text(text, path)
         syntax = "json"
     else:
-        try:
-            doc = yaml.safe_load(text)
-        except yaml.YAMLError as exc:
-            mark = getattr(exc, "problem_mark", None)
-            where = f":{mark.line + 1}:{mark.column + 1}" if mark is not None else ""
-            problem = getattr(exc, "problem", None) or str(exc).splitlines()[0]
-            raise ConfigFileError(f"{path}{where}: invalid YAML: {problem}; fix the syntax at that line") from None
+        doc, duplicates = load_yaml_text(text, path)
         syntax = "yaml"
     if not isinstance(doc, dict):
         raise ConfigFileError(f"{path}: not a config (top level is {type(doc).__name__}, expected a mapping "
                               "with model_type or model.target)")
+    return doc, syntax, duplicates
+
+
+def read_document(path: str) -> Tuple[Any, str]:
+    """Parse a JSON or YAML file.  Returns (document, syntax) with syntax "json"|"yaml"."""
+    doc, syntax, _ = read_config_file(path)
     return doc, syntax
 
 
@@ -167,6 +371,8 @@ def _empty() -> Dict[str, Any]:
 
 
 def _map_dict(norm: Normalized, prefix: str, values: Dict[str, Any], src: Tuple[str, ...]) -> None:
+    if not isinstance(values, dict):
+        return      # not a mapping: validate reports the section's type
     for key, value in values.items():
         norm.keymap[f"{prefix}.{key}"] = src + (key,)
 
@@ -183,7 +389,11 @@ def _normalize_legacy(doc: Dict[str, Any], norm: Normalized) -> None:
         if key == "model_variant":
             out["model_variant"] = value
             norm.keymap["model_variant"] = ("model_args", "model_variant")
-        elif key == "lossconfig" and isinstance(value, dict):
+        elif key == "lossconfig" and not isinstance(value, dict):
+            # Not a mapping: kept as the section itself, so validate reports its type.
+            out["lossconfig"] = copy.deepcopy(value)
+            norm.keymap["lossconfig"] = ("model_args", "lossconfig")
+        elif key == "lossconfig":
             out["lossconfig"] = {"target": value.get("target"), "params": copy.deepcopy(value.get("params") or {})}
             norm.keymap["lossconfig.target"] = ("model_args", "lossconfig", "target")
             norm.keymap["lossconfig.params"] = ("model_args", "lossconfig", "params")
@@ -194,6 +404,10 @@ def _normalize_legacy(doc: Dict[str, Any], norm: Normalized) -> None:
     if "model_variant" not in norm.keymap:
         norm.keymap["model_variant"] = ("model_args", "model_variant")
     targs = doc.get("train_args") or {}
+    if not isinstance(targs, dict):
+        # ``train_args: "fast"``: kept as the train section, so validate reports its type.
+        out["train"] = copy.deepcopy(targs)
+        norm.keymap["train"] = ("train_args",)
     train_fields = {f.name for f in dataclasses.fields(TrainSection)}
     data_fields = {f.name for f in dataclasses.fields(DataSection)}
     for key, value in (targs.items() if isinstance(targs, dict) else []):
@@ -243,6 +457,10 @@ def _normalize_taming_yaml(doc: Dict[str, Any], norm: Normalized) -> None:
     model = doc["model"]
     target = model.get("target")
     params = copy.deepcopy(model.get("params") or {})
+    if not isinstance(params, dict):
+        # Kept as model_args, so validate reports that it is not a mapping.
+        out["model_args"], params = params, {}
+        norm.keymap["model_args"] = ("model", "params")
     out["upstream"]["model_target"] = target
     norm.keymap["model_type"] = ("model", "target")
     norm.keymap["model_variant"] = ("model", "target")
@@ -257,7 +475,10 @@ def _normalize_taming_yaml(doc: Dict[str, Any], norm: Normalized) -> None:
         out["train"]["base_learning_rate"] = model["base_learning_rate"]
         norm.keymap["train.base_learning_rate"] = ("model", "base_learning_rate")
     for key, value in params.items():
-        if key == "lossconfig" and isinstance(value, dict):
+        if key == "lossconfig" and not isinstance(value, dict):
+            out["lossconfig"] = value
+            norm.keymap["lossconfig"] = ("model", "params", "lossconfig")
+        elif key == "lossconfig":
             out["lossconfig"] = {"target": value.get("target"), "params": copy.deepcopy(value.get("params") or {})}
             norm.keymap["lossconfig.target"] = ("model", "params", "lossconfig", "target")
             norm.keymap["lossconfig.params"] = ("model", "params", "lossconfig", "params")
@@ -327,8 +548,10 @@ def _normalize_native(doc: Dict[str, Any], norm: Normalized) -> None:
 
 def normalize(path: str) -> Normalized:
     """Parse ``path`` and map it to the schema's shape (no type checking yet)."""
-    doc, syntax = read_document(path)
-    return normalize_document(doc, path, syntax)
+    doc, syntax, duplicates = read_config_file(path)
+    norm = normalize_document(doc, path, syntax)
+    norm.duplicates = duplicates
+    return norm
 
 
 def normalize_document(doc: Dict[str, Any], path: str, syntax: str = "yaml",
@@ -398,10 +621,12 @@ def type_errors(data: Dict[str, Any]) -> List[Tuple[str, str]]:
                 continue
             try:
                 OmegaConf.merge(base, {sub: value})
-            except OmegaConfBaseException as exc:
+            except (OmegaConfBaseException, TypeError, ValueError) as exc:
+                # (OmegaConf raises a bare TypeError merging a list into a mapping field.)
                 expected = _type_name(cls, sub)
-                problems.append((f"{key}.{sub}", f"{value!r} is not a valid {expected}"
-                                 + ("" if expected else f" ({exc.msg})")))
+                shown = repr(value) if len(repr(value)) <= 80 else repr(value)[:77] + "..."
+                problems.append((f"{key}.{sub}", f"{shown} is not a valid {expected}"
+                                 + ("" if expected else f" ({getattr(exc, 'msg', exc)})")))
     for key in ("model_type", "name"):
         if data.get(key) is not None and not isinstance(data[key], str):
             problems.append((key, f"{data[key]!r} is not a string"))
@@ -410,6 +635,39 @@ def type_errors(data: Dict[str, Any]) -> List[Tuple[str, str]]:
     if not isinstance(data.get("model_args", {}), dict):
         problems.append(("model_args", "expected a mapping"))
     return problems
+
+
+PLAIN_TYPES = (str, int, float, bool, type(None))
+
+
+def plain_data_problems(data: Dict[str, Any]) -> List[Tuple[str, str, str]]:
+    """(dotted path, problem, fix) for values the typed config cannot hold as written.
+
+    * ``${...}`` interpolations: OmegaConf would resolve them later, in the middle of
+      training, against keys this tool renames; they are refused, not resolved.
+    * values that are not plain data (YAML ``!!set``, ``!!binary``) and non-text keys.
+    """
+    found: List[Tuple[str, str, str]] = []
+    stack: List[Tuple[Any, str]] = [(v, k) for k, v in data.items() if not str(k).startswith("_")]
+    while stack:
+        value, path = stack.pop()
+        if isinstance(value, dict):
+            for key, sub in value.items():
+                if not isinstance(key, str):
+                    found.append((f"{path}.{key}", f"key {key!r} is a {type(key).__name__}; config keys are text",
+                                  f"write the key as text (\"{key}\") or remove it"))
+                else:
+                    stack.append((sub, f"{path}.{key}"))
+        elif isinstance(value, list):
+            stack.extend((sub, f"{path}.{i}") for i, sub in enumerate(value))
+        elif isinstance(value, str):
+            if "${" in value:
+                found.append((path, f"{value[:60]!r} is an interpolation (${{...}}); this tool does not resolve "
+                                    "interpolations", "write the value itself"))
+        elif not isinstance(value, PLAIN_TYPES):
+            found.append((path, f"a {type(value).__name__} value; configs hold text, numbers, true/false, lists "
+                                "and mappings", "write a plain value"))
+    return sorted(found)
 
 
 def _type_name(cls, name: str) -> str:
@@ -425,6 +683,7 @@ def to_structured(data: Dict[str, Any]) -> DictConfig:
     clean = {k: v for k, v in data.items() if not k.startswith("_")}
     problems = [f"unknown key {p!r}.{s}" for p, s in unknown_keys(clean)]
     problems += [f"{p}: {m}" for p, m in type_errors(clean)]
+    problems += [f"{p}: {m}" for p, m, _ in plain_data_problems(clean)]
     if problems:
         raise UserError("config: " + "; ".join(problems))
     clean = {k: v for k, v in clean.items() if v is not None or k in ("model_variant",)}
@@ -433,6 +692,8 @@ def to_structured(data: Dict[str, Any]) -> DictConfig:
         return OmegaConf.merge(schema, clean)
     except OmegaConfBaseException as exc:
         raise UserError(f"config: {exc.full_key or ''}: {exc.msg}") from None
+    except (TypeError, ValueError) as exc:
+        raise UserError(f"config: {exc}") from None
 
 
 # ----------------------------------------------------------------------------------
@@ -446,9 +707,12 @@ def parse_override(item: str) -> Tuple[str, Any]:
     if not key:
         raise UserError(f"override {item!r} has no key (e.g. train.max_steps=100)")
     try:
-        value = yaml.safe_load(text) if text.strip() else None
-    except yaml.YAMLError:
-        value = text
+        # The same bounded YAML reader as config files: an override is as hostile as a file.
+        value = load_yaml_text(text, f"override {key}")[0] if text.strip() else None
+    except ConfigFileError as exc:
+        if "invalid YAML" not in str(exc):
+            raise
+        value = text    # not YAML: the text itself (a path with a colon, say)
     return key, value
 
 
@@ -499,7 +763,7 @@ def apply_overrides(data: Dict[str, Any], overrides: Sequence[str]) -> Dict[str,
         try:
             if head in SECTION_CLASSES and len(parts) == 2:
                 OmegaConf.merge(OmegaConf.structured(SECTION_CLASSES[head]), {parts[1]: value})
-        except OmegaConfBaseException:
+        except (OmegaConfBaseException, TypeError, ValueError):
             raise UserError(f"override {key!r}: {value!r} is not a valid "
                             f"{_type_name(SECTION_CLASSES[head], parts[1])}") from None
     return data

@@ -24,8 +24,11 @@ import yaml
 
 import losses  # noqa: F401  (registers the loss families' implementations)
 from adapters import registry
-from train.config import (Normalized, SECTION_CLASSES, apply_overrides, normalize, type_errors,
-                          unknown_keys)
+from omegaconf import OmegaConf
+from omegaconf.errors import OmegaConfBaseException
+
+from train.config import (Normalized, SECTION_CLASSES, apply_overrides, normalize, plain_data_problems,
+                          type_errors, unknown_keys)
 from train import atomic
 from train.schema import config_data
 from train.errors import (DELETE, ERROR, INFO, LEVEL_ORDER, WARNING, Finding, UserError, coerce_like,
@@ -44,6 +47,8 @@ DISC_KEYS = ("disc_start", "disc_weight", "disc_factor", "disc_num_layers", "dis
 
 def rule_model_type(data: Dict[str, Any], out: List[Finding]) -> Optional[registry.ModelTypeSpec]:
     model_type = data.get("model_type")
+    if model_type is not None and not isinstance(model_type, str):
+        return None     # a list or a mapping: rule_schema reported its type
     if model_type is None:
         out.append(Finding(ERROR, "model_type", "missing_model_type", "no model type given",
                            f"set model_type to one of {', '.join(registry.list_model_types())}"))
@@ -124,7 +129,61 @@ def rule_schema(data: Dict[str, Any], out: List[Finding]) -> None:
                            [(path, fixed)] if fixed is not None else [(path, DELETE)]))
 
 
+def rule_input(norm: Normalized, out: List[Finding]) -> None:
+    """What the file itself gets wrong: keys written twice (the parser would silently keep
+    the last), ``${...}`` interpolations, values that are not plain data."""
+    for where in norm.duplicates:
+        path, _, line = where.partition(" (")
+        out.append(Finding(ERROR, path, "duplicate_key",
+                           f"{path} is written twice in the file{' (' + line if line else ''}; the parser "
+                           "silently keeps the last one", "keep one of them (the value you mean)"))
+    for path, problem, fix in plain_data_problems(norm.data):
+        out.append(Finding(ERROR, path, "interpolation" if "interpolation" in problem else "bad_type",
+                           f"{path}: {problem}", fix))
+
+
+def typed_view(data: Dict[str, Any]) -> Dict[str, Any]:
+    """The normalized data as the typed config will hold it, for the rules to judge.
+
+    ``fit`` runs the rules on the typed config, where OmegaConf has already converted
+    values (``batch_size: "0"`` -> 0, ``use_gan: "no"`` -> False, YAML's ``1e-4`` text ->
+    0.0001); judging the raw text instead let such values pass ``validate`` and then stop
+    ``fit``.  Sections that are not mappings (reported by ``rule_schema``) read as empty
+    here, so no rule trips over them.
+    """
+    view = dict(data)
+    for key, cls in SECTION_CLASSES.items():
+        section = data.get(key)
+        if section is None:
+            continue
+        if not isinstance(section, dict):
+            view[key] = {}
+            continue
+        base = OmegaConf.structured(cls)
+        converted = dict(section)
+        for sub, value in section.items():
+            if not isinstance(sub, str) or sub not in base or sub == "params":
+                continue
+            try:
+                converted[sub] = OmegaConf.to_container(OmegaConf.merge(base, {sub: value}))[sub]
+            except (OmegaConfBaseException, ValueError, TypeError):
+                pass        # a type error: rule_schema reported it
+        view[key] = converted
+    loss = view.get("lossconfig")
+    if isinstance(loss, dict) and not isinstance(loss.get("params", {}), dict):
+        view["lossconfig"] = dict(loss, params={})
+    if not isinstance(view.get("model_args", {}), dict):
+        view["model_args"] = {}
+    return view
+
+
 def rule_extras(norm: Normalized, out: List[Finding]) -> None:
+    for key in ("extras", "upstream"):
+        if not isinstance(norm.data.get(key, {}), dict):
+            out.append(Finding(ERROR, key, "bad_type", f"{key}: expected a mapping, got "
+                               f"{type(norm.data[key]).__name__}", f"write {key} as key: value pairs, or remove it",
+                               [(key, DELETE)]))
+            return
     for path in norm.data.get("extras", {}):
         out.append(Finding(WARNING, f"extras.{path}", "ignored_key",
                            f"{path} is not used by this tool and is ignored (kept in the config's extras)",
@@ -209,6 +268,9 @@ def rule_train_values(data: Dict[str, Any], out: List[Finding]) -> None:
         value = train.get(key)
         if is_int(value) and value < 1:
             bad(key, f"train.{key} must be >= 1", f"write a {key} >= 1")
+    value = train.get("max_epochs")
+    if is_int(value) and value < 1:
+        bad("max_epochs", "train.max_epochs must be >= 1", "write a max_epochs >= 1, or null")
     value = train.get("max_steps")
     if is_int(value) and value < 0:
         bad("max_steps", "train.max_steps must be >= 0", "write a max_steps >= 0, or null (until stopped)")
@@ -223,10 +285,25 @@ def rule_train_values(data: Dict[str, Any], out: List[Finding]) -> None:
         bad("adam_betas", f"train.adam_betas must be two numbers in [0, 1), got {list(betas)}",
             "write e.g. adam_betas: [0.5, 0.9] (taming's)")
     size = (data.get("data") or {}).get("image_size") if isinstance(data.get("data"), dict) else None
+    if is_int(size) and size > registry.MAX_IMAGE_SIZE:
+        out.append(Finding(ERROR, "data.image_size", "too_large",
+                           f"data.image_size is {size}: crops over {registry.MAX_IMAGE_SIZE} pixels per side do not "
+                           "fit in memory", "write an image_size of at most "
+                           f"{registry.MAX_IMAGE_SIZE} (e.g. 256)", [("data.image_size", DELETE)]))
     if is_int(size) and size < 8:
         out.append(Finding(ERROR, "data.image_size", "bad_value",
                            f"data.image_size is {size}: data.image_size must be >= 8 pixels",
                            "write an image_size of at least 8 (e.g. 256)", [("data.image_size", DELETE)]))
+
+
+def rule_learning_rate(data: Dict[str, Any], out: List[Finding]) -> None:
+    """A trainable config names a learning rate (fit has no default to fall back on)."""
+    train = data.get("train") or {}
+    if isinstance(train, dict) and train.get("learning_rate") is None and train.get("base_learning_rate") is None:
+        out.append(Finding(ERROR, "train.learning_rate", "missing_learning_rate",
+                           "no learning rate: neither train.learning_rate nor train.base_learning_rate is set",
+                           "set train.learning_rate (e.g. 4.5e-6) or train.base_learning_rate (taming's, scaled "
+                           "by batch size and GPUs)"))
 
 
 def number_in(value) -> Optional[float]:
@@ -243,6 +320,7 @@ def train_value_findings(cfg) -> List[Finding]:
     """:func:`rule_train_values` on a typed config (the trainer runs the same rules)."""
     out: List[Finding] = []
     rule_train_values(config_data(cfg), out)
+    rule_learning_rate(config_data(cfg), out)
     return out
 
 
@@ -267,9 +345,11 @@ def rule_codebook_init(data: Dict[str, Any], spec, variant: Optional[str], out: 
 
 def collect(norm: Normalized) -> List[Finding]:
     """Run every rule on a normalized config and return all findings (errors first)."""
-    data = norm.data
     out: List[Finding] = []
-    rule_schema(data, out)
+    rule_input(norm, out)
+    rule_schema(norm.data, out)
+    # The remaining rules judge values as fit will hold them (see typed_view).
+    data = typed_view(norm.data)
     spec = rule_model_type(data, out)
     variant = registry.variant_rule(data, spec, out)
     rule_canonical_names(data, spec, variant, out)
@@ -283,6 +363,8 @@ def collect(norm: Normalized) -> List[Finding]:
         spec.rules(data, variant or spec.default_variant, out)
     rule_gan(data, spec, family, out)
     rule_train_values(data, out)
+    if spec is not None:      # only a model this tool trains needs a learning rate
+        rule_learning_rate(data, out)
     rule_codebook_init(data, spec, variant, out)
     rule_extras(norm, out)
     return sorted(out, key=lambda f: LEVEL_ORDER[f.level])
