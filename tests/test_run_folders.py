@@ -400,3 +400,19 @@ def test_atomic_write_failure_is_one_message_and_keeps_the_old_file(tmp_path, mo
         atomic.write_text(str(path), "new\n")
     monkeypatch.undo()
     assert path.read_text() == "old\n" and os.listdir(tmp_path) == ["config.yaml"]
+
+
+# ----------------------------------------------------------------------------------------
+# Under torchrun only rank 0 writes: when it is refused, every rank stops with its message
+
+def test_ranks_agree_when_rank_0_is_refused(torchrun_jobs):
+    folder = torchrun_jobs / "refused"
+    outcomes = [json.loads((folder / f"rank{r}.json").read_text()) for r in (0, 1)]
+    for outcome in outcomes:
+        assert f"in use by process {os.getpid()}" not in outcome["locked"]     # the worker's, not ours
+        assert "is in use by process" in outcome["locked"] and "choose another --out" in outcome["locked"]
+        assert "No space left on device" in outcome["disk_full"] and "training stopped at step 1" in \
+            outcome["disk_full"]
+    assert outcomes[0] == outcomes[1]
+    assert not (folder / "locked" / "checkpoints").exists()
+    assert not [n for _, _, names in os.walk(folder / "full") for n in names if ".tmp." in n]

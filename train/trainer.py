@@ -196,7 +196,7 @@ class Trainer:
         except OSError as exc:
             # A log line or TensorBoard event the disk refused: one message, not a traceback.
             if exc.errno in (errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EIO):
-                raise atomic.write_error(exc.filename or os.path.join(self.run_dir or ".", "log.txt"), exc) from None
+                raise atomic.write_error(exc.filename or self.run_dir or ".", exc) from None
             raise
         finally:
             if self.run_dir is not None and self.is_main:
