@@ -12,7 +12,9 @@ this once per session (fixture ``torchrun_jobs``) and the tests read what each j
   digests, its first sample numbers) and ``rank{r}.log`` (what it printed);
 * ``codebook_init``: the same with ``train.init_codebook_from_data`` on a 64-code EMAVQ;
 * ``ema``: the EMA quantizer alone and inside a DDP model, on different data per rank;
-* ``vqvae2_codebooks``: vqvae2's two EMA codebooks on different data per rank.
+* ``vqvae2_codebooks``: vqvae2's two EMA codebooks on different data per rank;
+* ``refused``: rank 0 refused (run folder locked, disk full at a save); ``rank{r}.json``
+  holds each rank's outcome.
 """
 import contextlib
 import hashlib
@@ -134,11 +136,49 @@ def vqvae2_codebooks_job(out_dir: str) -> None:
     dist.barrier()
 
 
+def refused_job(out_dir: str) -> None:
+    """Rank 0 refused (its folder locked by another writer; later its disk full at the first
+    save): every rank must stop with rank 0's message instead of waiting for it."""
+    from unittest import mock
+
+    from tests.test_fit import tiny_config
+    from train import atomic
+    from train.errors import UserError
+    from train.run_folder import open_run_folder
+
+    folder = os.path.join(out_dir, "refused")
+    os.makedirs(folder, exist_ok=True)
+    rank = dist.get_rank()
+    config = tiny_config(folder, use_gan=False, ckpt_every=1) if rank == 0 else os.path.join(folder, "tiny.json")
+    dist.barrier()
+    outcome = {}
+    held = open_run_folder(os.path.join(folder, "locked"), is_main=rank == 0)     # a collective
+    dist.barrier()
+    def full(obj, path):
+        # Not torch.save itself: the object collectives serialize through it.
+        with atomic.replacing(path) as tmp:
+            with open(tmp, "wb") as fh:
+                fh.write(b"half a checkpoint")
+            raise OSError(28, "No space left on device")
+
+    for case, out in (("locked", "locked"), ("disk_full", "full")):
+        with mock.patch("train.atomic.save_torch", full) if rank == 0 and case == "disk_full" else \
+                contextlib.nullcontext():
+            try:
+                outcome[case] = run([config, "--out", os.path.join(folder, out), "--max-steps", "2", "--no-bar"])[0]
+            except UserError as exc:
+                outcome[case] = str(exc)
+    held.release()
+    with open(os.path.join(folder, f"rank{rank}.json"), "w") as fh:
+        json.dump(outcome, fh)
+    dist.barrier()
+
+
 def main(out_dir: str) -> None:
     torch.set_num_threads(1)
     dist.init_process_group("gloo")
     done = {}
-    for job in (ema_job, vqvae2_codebooks_job, fit_every_model_type, codebook_init_job):
+    for job in (ema_job, vqvae2_codebooks_job, fit_every_model_type, codebook_init_job, refused_job):
         job(out_dir)
         done[job.__name__] = True
     if dist.get_rank() == 0:

@@ -19,6 +19,7 @@ from typing import Dict, List, Optional, Sequence
 import torch
 
 from losses.calculator import GeneratorOutput
+from train.errors import UserError
 from train.logger import RunLogger
 from train.rank_sync import any_rank
 from train.usage import CodeCounts
@@ -100,7 +101,13 @@ class ImageGrids(Callback):
     def after_step(self, trainer, end: StepEnd) -> bool:
         if self.enabled and end.out is not None and not end.skipped and \
                 (end.global_step % self.image_every == 0 or end.finished):
-            self.last = self.log.image_grid(end.global_step, end.out.inputs, end.out.reconstructions) or self.last
+            try:
+                self.last = self.log.image_grid(end.global_step, end.out.inputs, end.out.reconstructions) or self.last
+            except UserError as exc:
+                # A grid is a preview: training goes on (only rank 0 writes it, so stopping
+                # here would leave the other ranks waiting); a full disk then stops the run
+                # at the next checkpoint, on every rank together.
+                self.log.message(f"warning: image grid not written: {exc}")
         return False
 
 

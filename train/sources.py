@@ -27,7 +27,9 @@ import zipfile
 from dataclasses import dataclass
 from typing import Any, Dict, Optional
 
-from train.checkpoint import FORMAT, LAST, LAST_WEIGHTS, VERSION, load_migrated, load_state
+import torch
+
+from train.checkpoint import FORMAT, LAST, LAST_WEIGHTS, VERSION, load_migrated, load_state, safetensors_problem
 from train.errors import UserError
 from train.safe_load import load_safetensors
 
@@ -120,16 +122,37 @@ def locate(path: str, flag: str) -> Source:
                     "`python -m train fit`, or a folder written by `python -m train migrate`")
 
 
-def safetensors_step(path: str) -> Optional[int]:
-    """The ``global_step`` the trainer records in a weights file's metadata, if any."""
+def safetensors_metadata(path: str) -> Dict[str, str]:
+    """A weights file's metadata (``{}`` when it has none or cannot be read: reading the
+    weights reports bad files)."""
     from safetensors import safe_open
 
     try:
         with safe_open(path, framework="pt") as fh:
-            step = (fh.metadata() or {}).get("global_step")
+            return dict(fh.metadata() or {})
+    except Exception:  # noqa: BLE001 - see the docstring
+        return {}
+
+
+def safetensors_step(path: str) -> Optional[int]:
+    """The ``global_step`` the trainer records in a weights file's metadata, if any."""
+    step = safetensors_metadata(path).get("global_step")
+    try:
         return int(step) if step is not None else None
-    except Exception:  # noqa: BLE001 - the step is informational; reading the weights reports bad files
+    except ValueError:
         return None
+
+
+def read_weights(path: str) -> Dict[str, torch.Tensor]:
+    """A ``.safetensors`` file's tensors, checked against the checksums the trainer records
+    in its metadata (files without them are read as they are)."""
+    tensors = load_safetensors(path)
+    problem = safetensors_problem(path, tensors, safetensors_metadata(path))
+    if problem:
+        ckpt = os.path.join(os.path.dirname(os.path.abspath(path)), LAST)
+        other = f"; the full checkpoint {ckpt} holds the same weights" if os.path.isfile(ckpt) else ""
+        raise UserError(f"{path} is damaged: {problem}{other}; use an intact copy")
+    return tensors
 
 
 def read_state(source: Source) -> Dict[str, Any]:
@@ -142,9 +165,10 @@ def read_state(source: Source) -> Dict[str, Any]:
     if source.kind == "migrated":
         return load_migrated(source.path)
     if source.weights.endswith(".safetensors"):
-        return {"format": FORMAT, "version": VERSION, "model": load_safetensors(source.weights),
+        return {"format": FORMAT, "version": VERSION, "model": read_weights(source.weights),
                 "global_step": safetensors_step(source.weights), "epoch": None, "optimizers": {}}
     return load_state(source.weights)
 
 
-__all__ = ["Source", "KINDS", "locate", "read_state", "is_trainer_checkpoint", "safetensors_step"]
+__all__ = ["Source", "KINDS", "locate", "read_state", "read_weights", "is_trainer_checkpoint", "safetensors_step",
+           "safetensors_metadata"]

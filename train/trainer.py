@@ -34,6 +34,7 @@ first, so no rank waits forever.
 from __future__ import annotations
 
 import contextlib
+import errno
 import os
 import time
 from dataclasses import dataclass
@@ -46,7 +47,7 @@ from adapters import build_model
 from adapters.distributed import is_distributed, rank as dist_rank, world_size as dist_world
 from adapters.registry import get_model_type
 from losses import LossCalculator
-from train import checkpoint as ckpt
+from train import atomic, checkpoint as ckpt
 from train.callbacks import (GracefulStop, ImageGrids, MetricsWindow, PeriodicCheckpoint, StepEnd, StopOnSignal,
                              TimeLimit)
 from train.checkpoint import seed_everything
@@ -56,6 +57,7 @@ from train.data import DataSpec, make_loader, steps_for_epochs
 from train.errors import TrainingStopped, UserError, raise_for_errors
 from train.logger import RunLogger
 from train.rank_sync import check_ranks_in_sync
+from train.run_folder import WRITTEN_FOLDERS, open_run_folder
 from train.sides import Side, autocast, each, make_sides
 from train.step_guard import StepGuard
 from train.validate import train_value_findings
@@ -126,6 +128,17 @@ class Trainer:
         t = cfg.train
         check_train_options(cfg, self.device)
         self.precision = t.precision
+        # One writer per run folder, taken before anything costly so a second run into the
+        # same --out is refused within seconds; it also removes what killed runs left.
+        self.lock = open_run_folder(run_dir, self.is_main) if run_dir is not None else None
+        try:
+            self._build(cfg, data, resume)
+        except BaseException:
+            self.release()
+            raise
+
+    def _build(self, cfg, data: DataSpec, resume: Optional[Source]) -> None:
+        t = cfg.train
 
         # Same seed on every rank: identical initial weights (DDP would broadcast anyway).
         seed_everything(t.seed)
@@ -171,8 +184,27 @@ class Trainer:
         # rank already holds the same codebook; broadcasting rank 0's would hide a bug.
         return DDP(model, device_ids=ids, broadcast_buffers=False)
 
+    def release(self) -> None:
+        """Free the run folder for the next writer (also done when the process ends)."""
+        if self.lock is not None:
+            self.lock.release()
+
     # ------------------------------------------------------------------------------------
     def fit(self) -> FitResult:
+        try:
+            return self._fit()
+        except OSError as exc:
+            # A log line or TensorBoard event the disk refused: one message, not a traceback.
+            if exc.errno in (errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EIO):
+                raise atomic.write_error(exc.filename or self.run_dir or ".", exc) from None
+            raise
+        finally:
+            if self.run_dir is not None and self.is_main:
+                for sub in WRITTEN_FOLDERS:     # a failed write's leftovers, if any survived it
+                    atomic.clean_stale_temporaries(os.path.join(self.run_dir, sub))
+            self.release()
+
+    def _fit(self) -> FitResult:
         t = self.cfg.train
         accumulate = t.accumulate_grad_batches
         log = RunLogger(self.run_dir, enabled=self.is_main, total_steps=self.max_steps,
