@@ -590,18 +590,6 @@ def load_migrated(folder: str) -> Dict[str, Any]:
     return state
 
 
-def config_from_state(state: Dict[str, Any]):
-    """The resolved config stored inside a checkpoint, as a typed config (or None)."""
-    text = state.get("config")
-    if not text:
-        return None
-    import yaml
-
-    from train.config import config_from_dict
-
-    return config_from_dict(yaml.safe_load(text))
-
-
-__all__ = ["keep_copy", "capture_rng", "restore_rng", "load_state", "load_migrated", "config_from_state",
+__all__ = ["keep_copy", "capture_rng", "restore_rng", "load_state", "load_migrated",
            "write_checkpoint", "structure_problem", "checksum_problem", "safetensors_problem", "checksums_of",
            "FORMAT", "VERSION", "LAST", "LAST_WEIGHTS"]

@@ -90,21 +90,20 @@ def resume_source(path: str) -> Source:
 
 def stored_data_path(resume) -> Optional[str]:
     """``data.path`` of the run being resumed (set from its ``--data``), if it recorded one."""
-    if resume.train_state:
-        import yaml
+    from train.config import load_yaml_text
 
+    if resume.train_state:
         from train.checkpoint import load_state
 
-        text = load_state(resume.weights).get("config")
-        data = (yaml.safe_load(text) or {}).get("data") if text else None
-        return (data or {}).get("path")
-    if resume.config_path:
-        import yaml
-
+        text, origin = load_state(resume.weights).get("config"), f"{resume.weights} (stored config)"
+    elif resume.config_path:
         with open(resume.config_path, encoding="utf-8") as fh:
-            data = (yaml.safe_load(fh) or {}).get("data")
-        return (data or {}).get("path") if isinstance(data, dict) else None
-    return None
+            text, origin = fh.read(), resume.config_path
+    else:
+        return None
+    doc = load_yaml_text(text, origin)[0] if text else None
+    data = doc.get("data") if isinstance(doc, dict) else None
+    return data.get("path") if isinstance(data, dict) else None
 
 
 def default_run_dir(name: str) -> str:
