@@ -356,7 +356,7 @@ def test_opcode_budget_refuses_object_bombs(tmp_path, monkeypatch):
 
     torch.save({"state_dict": {"w": torch.ones(1)}, "many": list(range(5000))}, tmp_path / "many.ckpt")
     monkeypatch.setattr(safe_load, "MAX_PICKLE_OPS", 1000)
-    monkeypatch.setattr(safe_load.scan_pickle, "__defaults__", (1000,))
+    monkeypatch.setattr(safe_load.scan_pickle, "__defaults__", (1000, None))
     with pytest.raises(UserError, match="MAX_PICKLE_OPS"):
         load_checkpoint(tmp_path / "many.ckpt")
 
@@ -369,3 +369,49 @@ def test_zip_records_that_lie_about_their_size_are_refused(tmp_path):
     path = write_zip(tmp_path / "lie.pt", entries)
     with pytest.raises(UserError, match="declares 3221225472 bytes but stores 16"):
         load_weights_file(path)
+
+
+# ---------------------------------------------------------------------------------------------
+# Legacy (pre-zip) files: the reader allocates each storage at the size the pickle declares.
+
+class _LegacyStorage:
+    """Pickled through a persistent id, as torch's legacy writer does for a storage."""
+
+
+def legacy_file(path, numel, data_bytes=16):
+    from torch.serialization import MAGIC_NUMBER, PROTOCOL_VERSION
+
+    class Writer(pickle.Pickler):
+        def persistent_id(self, obj):
+            if isinstance(obj, _LegacyStorage):
+                return ("storage", torch.FloatStorage, "0", "cpu", numel, None)
+            return None
+
+    with open(path, "wb") as fh:
+        for header in (MAGIC_NUMBER, PROTOCOL_VERSION,
+                       {"protocol_version": PROTOCOL_VERSION, "little_endian": True,
+                        "type_sizes": {"short": 2, "int": 4, "long": 4}}):
+            pickle.dump(header, fh, protocol=2)
+        Writer(fh, protocol=2).dump({"w": _LegacyStorage()})
+        pickle.dump(["0"], fh, protocol=2)
+        fh.write((data_bytes // 4).to_bytes(8, "little") + b"\0" * data_bytes)
+    return path
+
+
+def test_legacy_storage_sizes_must_fit_in_the_file(tmp_path, memory_cap):
+    honest = legacy_file(tmp_path / "honest.pt", numel=4)
+    assert set(load_weights_file(str(honest))) == {"w"}
+    # Views of one storage repeat its id; an honest legacy file with views still loads.
+    t = torch.arange(100.0)
+    torch.save({"a": t, "b": t[10:20], "c": t.view(10, 10)}, tmp_path / "views.pt",
+               _use_new_zipfile_serialization=False)
+    assert torch.equal(load_weights_file(str(tmp_path / "views.pt"))["b"], t[10:20])
+    bomb = legacy_file(tmp_path / "bomb.pt", numel=10 ** 10)       # 40 GB declared in a 258-byte file
+    start = time.monotonic()
+    with pytest.raises(UserError, match="declares tensor storages of 40000000000 bytes"):
+        load_weights_file(str(bomb))
+    assert time.monotonic() - start < 5
+    config, _ = honest_pair(tmp_path)
+    result = run_cli(["migrate", str(config), "--ckpt", str(bomb), "--out", str(tmp_path / "out")], memory_cap)
+    assert_clean_refusal(result, "40000000000 bytes", str(bomb))
+    assert not (tmp_path / "out").exists()

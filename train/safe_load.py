@@ -425,7 +425,27 @@ class _Int(int):
     """An integer on the scan's symbolic stack."""
 
 
-def scan_pickle(stream: io.BufferedIOBase, max_ops: int = MAX_PICKLE_OPS) -> List[Tuple[str, str]]:
+class _Str(str):
+    """A short text on the scan's symbolic stack (storage keys of persistent ids)."""
+
+
+_STR_OPS = ("SHORT_BINUNICODE", "BINUNICODE", "BINUNICODE8", "UNICODE", "SHORT_BINSTRING", "BINSTRING", "STRING")
+
+
+# Bytes per element of torch's typed storage classes, for the sizes a legacy (non-zip) file
+# declares; an unknown type counts one byte per element (never a false refusal).
+_STORAGE_ITEMSIZE = {"Double": 8, "Float": 4, "Half": 2, "BFloat16": 2, "Long": 8, "Int": 4, "Short": 2,
+                     "Char": 1, "Byte": 1, "Bool": 1, "ComplexDouble": 16, "ComplexFloat": 8,
+                     "QInt8": 1, "QUInt8": 1, "QInt32": 4, "QUInt4x2": 1, "QUInt2x4": 1, "Untyped": 1}
+
+
+def _declared_storage_bytes(storage_type: str, numel: int) -> int:
+    name = storage_type.rpartition(".")[2]
+    return numel * _STORAGE_ITEMSIZE.get(name[:-len("Storage")] if name.endswith("Storage") else name, 1)
+
+
+def scan_pickle(stream: io.BufferedIOBase, max_ops: int = MAX_PICKLE_OPS,
+                storages: Optional[Dict[str, int]] = None) -> List[Tuple[str, str]]:
     """The globals one pickle in ``stream`` names, as ``(module, name)`` in file order.
 
     A symbolic run of pickle's stack machine that keeps only globals, integers and tuples,
@@ -433,7 +453,9 @@ def scan_pickle(stream: io.BufferedIOBase, max_ops: int = MAX_PICKLE_OPS) -> Lis
     arguments.  Raises :class:`Refused` for a code-running global, a size-taking
     constructor called with an integer, or more than ``max_ops`` opcodes (the objects
     unpickling would build); ``ValueError`` where the bytes are not a pickle (torch's reader
-    then gives its own reason).
+    then gives its own reason).  With ``storages``, records the byte size each persistent
+    storage id declares (``("storage", type, key, location, numel, ...)``) under its key,
+    which a legacy file's reader allocates before it reads any data.
     """
     found: List[Tuple[str, str]] = []
     stack: List[Any] = []
@@ -464,6 +486,10 @@ def scan_pickle(stream: io.BufferedIOBase, max_ops: int = MAX_PICKLE_OPS) -> Lis
         if kind in _INT_OPS:
             stack.append(_Int(arg) if isinstance(arg, int) and not isinstance(arg, bool) else None)
             continue
+        if kind in _STR_OPS:
+            text = arg.decode("latin-1") if isinstance(arg, bytes) else str(arg)
+            stack.append(_Str(text) if len(text) <= 64 else None)
+            continue
         if kind in _PUT_OPS:
             memo[arg] = stack[-1] if stack else None
             continue
@@ -485,6 +511,13 @@ def scan_pickle(stream: io.BufferedIOBase, max_ops: int = MAX_PICKLE_OPS) -> Lis
             del stack[start:]
             stack.append(items)
             continue
+        if kind == "BINPERSID" and storages is not None and stack:
+            pid = stack[-1]
+            if isinstance(pid, tuple) and len(pid) >= 5 and isinstance(pid[1], _Global) \
+                    and isinstance(pid[4], _Int):
+                # Views of one storage repeat its id: count each storage key once.
+                key = str(pid[2]) if isinstance(pid[2], _Str) else f"#{len(storages)}"
+                storages[key] = max(storages.get(key, 0), _declared_storage_bytes(pid[1], int(pid[4])))
         if kind in ("REDUCE", "NEWOBJ", "NEWOBJ_EX"):
             if kind == "NEWOBJ_EX":
                 stack.pop()
@@ -542,11 +575,21 @@ def _scan_file(path: str) -> List[Tuple[str, str]]:
     """Every global the file's pickles name (see :func:`scan_pickle`); stops quietly where
     the bytes stop being a pickle, since torch's unpickler refuses those bytes itself."""
     found: List[Tuple[str, str]] = []
+    # A legacy file stores each storage's bytes after its pickles, and torch's legacy reader
+    # allocates every storage at the size its pickle declares before reading them: a few
+    # bytes of pickle could ask for any amount of memory.  The declared sizes must fit in
+    # the file (zip files are bounded by their records instead: _check_zip_sizes).
+    storages: Optional[Dict[str, int]] = None if zipfile.is_zipfile(path) else {}
     try:
         for stream in _pickle_streams(path):
-            found.extend(scan_pickle(stream))
+            found.extend(scan_pickle(stream, storages=storages))
     except (ValueError, EOFError, OSError, zipfile.BadZipFile, zlib.error):
         pass
+    if storages:
+        declared, size = sum(storages.values()), os.path.getsize(path)
+        if declared > size:
+            raise Refused(f"its pickle declares tensor storages of {declared} bytes, but the file holds only "
+                          f"{size} bytes (a memory bomb or a truncated file)", runs_code=False)
     return found
 
 
