@@ -37,6 +37,7 @@ from PIL import Image
 from train.cli import main
 from train.data import (DataSpec, ImageCrops, ImageRefused, crop_image, list_folder, load_rgb, resolve_data)
 from train.schema import make_config
+from tests.test_data import write_images as write_random_images
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TAMING_LOSS = "taming.modules.losses.vqperceptual.VQLPIPSWithDiscriminator"
@@ -66,14 +67,7 @@ def png_bytes(width, height, bit_depth=8, color_type=0, row=None):
 
 
 def write_images(folder, n, size=(40, 36)):
-    folder.mkdir(parents=True, exist_ok=True)
-    rng = np.random.default_rng(0)
-    paths = []
-    for i in range(n):
-        path = folder / f"img{i}.png"
-        Image.fromarray(rng.integers(0, 255, (size[1], size[0], 3), dtype=np.uint8)).save(path)
-        paths.append(str(path))
-    return paths
+    return write_random_images(folder, n, size)
 
 
 def tiny_config(folder, **train):
