@@ -412,6 +412,7 @@ def taming_rules(data: Dict[str, Any], variant: Optional[str], out: List[Finding
                                f"resolution {resolution} is not divisible by the total downsampling "
                                f"{2 ** (len(ch_mult) - 1)}", "use a multiple of it"))
     _size_rules(args, dd, ch_mult, data, out)
+    _crop_attention_rule(dd, ch_mult, data, out)
     params = (data.get("lossconfig") or {}).get("params") or {}
     if isinstance(params, dict) and "disc_in_channels" in params and is_int(dd.get("out_ch")):
         if params["disc_in_channels"] != dd["out_ch"]:
@@ -506,6 +507,43 @@ def _size_rules(args: Dict[str, Any], dd: Dict[str, Any], ch_mult, data: Dict[st
                            f"data.image_size {size} is not divisible by the down-sampling factor {factor} "
                            f"(2 ** (len(ch_mult) - 1)): the reconstruction would not match the input's size",
                            f"use e.g. image_size: {fixed}", [("data.image_size", fixed)]))
+
+
+# A crop whose mid-block attention covers this many times the positions it covers at
+# ddconfig.resolution is "many more" (2x the side); smaller growth is an ordinary choice.
+MANY_MORE_POSITIONS = 4
+
+
+def _crop_attention_rule(dd: Dict[str, Any], ch_mult, data: Dict[str, Any], out: List[Finding]) -> None:
+    """A crop size that moves attention: taming builds an attention block at each level whose
+    grid at ``ddconfig.resolution`` is in ``attn_resolutions`` (and one in the mid block); at
+    another crop size those blocks run on other grids (16x16 attention running at 128x128),
+    or the mid block runs over many more positions than at the resolution."""
+    resolution = dd.get("resolution")
+    attn = dd.get("attn_resolutions", [])
+    section = data.get("data")
+    size = section.get("image_size", DataSection.image_size) if isinstance(section, dict) else None
+    if not (ch_mult and all(is_int(m) and m > 0 for m in ch_mult) and is_int(resolution) and resolution > 0
+            and is_int(size) and size > 0 and size != resolution and isinstance(attn, (list, tuple))):
+        return
+    if dd.get("attn_type", "vanilla") == "none":
+        return      # no attention is built
+    levels = range(len(ch_mult))
+    built = [resolution // 2 ** i for i in levels if resolution // 2 ** i in attn]
+    runs = [size // 2 ** i for i in levels if resolution // 2 ** i in attn]
+    factor = 2 ** (len(ch_mult) - 1)
+    mid_built, mid_runs = (resolution // factor) ** 2, (size // factor) ** 2
+    said = []
+    if built and runs != built:
+        said.append(f"the attention layers built for the {built} grids (attn_resolutions at resolution "
+                    f"{resolution}) run on {runs} grids")
+    if mid_built and mid_runs >= MANY_MORE_POSITIONS * mid_built:
+        said.append(f"the mid-block attention runs over {mid_runs} positions instead of {mid_built}")
+    if said:
+        out.append(Finding(WARNING, "data.image_size", "crop_moves_attention",
+                           f"crops of {size} px differ from ddconfig.resolution {resolution}: " + "; ".join(said),
+                           f"set data.image_size: {resolution} to train at the size the model is built for, or "
+                           f"set ddconfig.resolution: {size} (and attn_resolutions to the grids you mean)"))
 
 
 def _build_temperature_scheduler(config):

@@ -546,6 +546,46 @@ def _normalize_native(doc: Dict[str, Any], norm: Normalized) -> None:
     norm.keymap.setdefault("model_type", ("model_type",))
 
 
+# Where the training crop size came from, kept in the normalized data under this private key
+# (``_``-keys never reach the typed config).  Values: ``("config", source key path)``,
+# ``("resolution", "model_args.ddconfig.resolution")`` (derived: a legacy / taming config
+# that names no size trains at the size its model is built for), ``("override", key)``.
+# Absent: the schema default applies (a native config that names no size).
+CROP_SOURCE_KEY = "_image_size_source"
+RESOLUTION_PATH = "model_args.ddconfig.resolution"
+
+
+def _resolution_crop(data: Dict[str, Any]) -> Optional[int]:
+    """``ddconfig.resolution`` when it is a usable crop size (an integer from 8 to the
+    largest allowed crop), else None (the rules report a bad resolution themselves)."""
+    from adapters.registry import MAX_IMAGE_SIZE
+
+    args = data.get("model_args")
+    dd = args.get("ddconfig") if isinstance(args, dict) else None
+    value = dd.get("resolution") if isinstance(dd, dict) else None
+    if isinstance(value, int) and not isinstance(value, bool) and 8 <= value <= MAX_IMAGE_SIZE:
+        return value
+    return None
+
+
+def _record_crop_source(norm: Normalized) -> None:
+    """Note where ``data.image_size`` comes from; a legacy JSON or taming YAML config that
+    names none trains at ``ddconfig.resolution`` (not the schema default, which for a
+    resolution-32 model is 8x the size and 64x the attention positions)."""
+    data = norm.data.get("data")
+    if not isinstance(data, dict):
+        return      # not a mapping: validate reports the section's type
+    if "image_size" in data:
+        source = norm.keymap.get("data.image_size", ("data", "image_size"))
+        norm.data[CROP_SOURCE_KEY] = ("config", ".".join(str(k) for k in source))
+        return
+    if norm.fmt in ("legacy_json", "taming_yaml"):
+        size = _resolution_crop(norm.data)
+        if size is not None:
+            data["image_size"] = size
+            norm.data[CROP_SOURCE_KEY] = ("resolution", RESOLUTION_PATH)
+
+
 def normalize(path: str) -> Normalized:
     """Parse ``path`` and map it to the schema's shape (no type checking yet)."""
     doc, syntax, duplicates = read_config_file(path)
@@ -578,6 +618,7 @@ def normalize_document(doc: Dict[str, Any], path: str, syntax: str = "yaml",
         norm.data["source"] = dict(recorded)
     else:
         norm.data["source"] = {"path": os.path.abspath(path), "format": fmt}
+    _record_crop_source(norm)
     norm.data["_syntax"] = syntax
     return norm
 
@@ -766,7 +807,23 @@ def apply_overrides(data: Dict[str, Any], overrides: Sequence[str]) -> Dict[str,
         except (OmegaConfBaseException, TypeError, ValueError):
             raise UserError(f"override {key!r}: {value!r} is not a valid "
                             f"{_type_name(SECTION_CLASSES[head], parts[1])}") from None
+        if key == "data.image_size":
+            data[CROP_SOURCE_KEY] = ("override", key)
+    _follow_resolution(data)
     return data
+
+
+def _follow_resolution(data: Dict[str, Any]) -> None:
+    """A crop derived from ``ddconfig.resolution`` follows an override of the resolution."""
+    source = data.get(CROP_SOURCE_KEY)
+    if not source or source[0] != "resolution" or not isinstance(data.get("data"), dict):
+        return
+    size = _resolution_crop(data)
+    if size is not None:
+        data["data"]["image_size"] = size
+    else:       # the resolution is no longer a usable size: the schema default applies
+        data["data"].pop("image_size", None)
+        data.pop(CROP_SOURCE_KEY, None)
 
 
 # ----------------------------------------------------------------------------------

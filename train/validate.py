@@ -27,10 +27,10 @@ from adapters import registry
 from omegaconf import OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
-from train.config import (Normalized, SECTION_CLASSES, apply_overrides, normalize, plain_data_problems,
-                          type_errors, unknown_keys)
+from train.config import (CROP_SOURCE_KEY, Normalized, SECTION_CLASSES, apply_overrides, normalize,
+                          plain_data_problems, type_errors, unknown_keys)
 from train import atomic
-from train.schema import config_data
+from train.schema import DataSection, config_data
 from train.errors import (DELETE, ERROR, INFO, LEVEL_ORDER, WARNING, Finding, UserError, coerce_like,
                           is_int, is_number, near)
 
@@ -343,6 +343,30 @@ def rule_codebook_init(data: Dict[str, Any], spec, variant: Optional[str], out: 
                            [(path, False)]))
 
 
+def rule_crop_size(data: Dict[str, Any], out: List[Finding]) -> None:
+    """Say which crop size training uses and where it came from (``data.image_size``, an
+    override, ``ddconfig.resolution`` for a legacy / taming config that names none, or the
+    schema default)."""
+    section = data.get("data")
+    if section is not None and not isinstance(section, dict):
+        return      # rule_schema reported the section's type
+    size = (section or {}).get("image_size", DataSection.image_size)
+    if not is_int(size) or size <= 0:
+        return      # a bad value: rule_schema / rule_train_values reported it
+    kind, where = data.get(CROP_SOURCE_KEY) or ("default", "")
+    if kind == "config":
+        said, fix = f"from {where} in the config", ""
+    elif kind == "override":
+        said, fix = f"from the override {where}={size}", ""
+    elif kind == "resolution":
+        said = f"from {where} (the config names no image size)"
+        fix = "set data.image_size (or override data.image_size=N) to train at another size"
+    else:
+        said = "the schema default (the config names no image size)"
+        fix = "set data.image_size (or override data.image_size=N) to train at another size"
+    out.append(Finding(INFO, "data.image_size", "crop_size_source", f"training crops are {size} px: {said}", fix))
+
+
 def collect(norm: Normalized) -> List[Finding]:
     """Run every rule on a normalized config and return all findings (errors first)."""
     out: List[Finding] = []
@@ -363,6 +387,7 @@ def collect(norm: Normalized) -> List[Finding]:
         spec.rules(data, variant or spec.default_variant, out)
     rule_gan(data, spec, family, out)
     rule_train_values(data, out)
+    rule_crop_size(data, out)
     if spec is not None:      # only a model this tool trains needs a learning rate
         rule_learning_rate(data, out)
     rule_codebook_init(data, spec, variant, out)
