@@ -153,8 +153,10 @@ class SDPAAttnBlock(nn.Module):
         h_ = self.norm(x)
         q, k, v = self.q(h_), self.k(h_), self.v(h_)
         b, c, h, w = q.shape
-        # (b, c, h, w) -> (b, 1 head, h*w positions, c channels)
-        q, k, v = (t.reshape(b, 1, c, h * w).transpose(2, 3) for t in (q, k, v))
+        # (b, c, h, w) -> (b, 1 head, h*w positions, c channels), contiguous: with a strided
+        # last dimension the fused CPU kernel is skipped for the math fallback, which
+        # materialises the (h*w)^2 scores this block exists to avoid.
+        q, k, v = (t.reshape(b, 1, c, h * w).transpose(2, 3).contiguous() for t in (q, k, v))
         out = nn.functional.scaled_dot_product_attention(q, k, v, scale=int(c) ** (-0.5))
         h_ = out.transpose(2, 3).reshape(b, c, h, w)
         return x + self.proj_out(h_)

@@ -202,3 +202,18 @@ def test_bad_attn_type_names_vanilla_xformers(tiny_ddconfig):
     found = [f for f in findings_for("VQ", dict(tiny_ddconfig, attn_type="xformers"))
              if f.path == "model_args.ddconfig.attn_type"]
     assert len(found) == 1 and "vanilla-xformers" in found[0].fix
+
+
+def test_sdpa_gets_contiguous_inputs(monkeypatch):
+    """The fused CPU kernel needs a unit-stride last dimension; strided q/k/v fall back to the
+    math path, which materialises the (h*w)^2 scores (benchmarks/bench_attention.py)."""
+    seen = []
+    real = torch.nn.functional.scaled_dot_product_attention
+
+    def spy(q, k, v, **kwargs):
+        seen.append(all(t.is_contiguous() for t in (q, k, v)))
+        return real(q, k, v, **kwargs)
+
+    monkeypatch.setattr(torch.nn.functional, "scaled_dot_product_attention", spy)
+    SDPAAttnBlock.from_block(AttnBlock(32))(torch.randn(2, 32, 5, 7))
+    assert seen == [True]
