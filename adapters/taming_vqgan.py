@@ -19,8 +19,15 @@ NoDisc     taming.models.vqgan.VQNoDiscModel                  ``VectorQuantizer2
 =========  =================================================  ======================================
 
 ``ddconfig`` takes every option of taming's and latent-diffusion's ``Encoder``/``Decoder``:
-``attn_type`` ("vanilla" | "linear" | "none") and ``use_linear_attn`` (latent-diffusion,
-e.g. the ``vq-f4-noattn`` first stage), ``tanh_out`` and ``give_pre_end``.
+``attn_type`` ("vanilla" | "vanilla-xformers" | "linear" | "none") and ``use_linear_attn``
+(latent-diffusion, e.g. the ``vq-f4-noattn`` first stage), ``tanh_out`` and ``give_pre_end``.
+
+Softmax attention ("vanilla", and latent-diffusion's "vanilla-xformers", whose
+``MemoryEfficientAttnBlock`` has the same weights) is computed by default with
+``torch.nn.functional.scaled_dot_product_attention`` (:class:`SDPAAttnBlock`: same state
+dict as taming's ``AttnBlock``, same outputs within float rounding, without the
+(positions x positions) score matrix on the fused kernels); ``model_args.attn_impl: vanilla``
+keeps upstream's ``AttnBlock`` and its explicit ``bmm``/``softmax``.
 
 Usage::
 
@@ -59,7 +66,9 @@ VARIANTS = ("VQ", "EMAVQ", "Gumbel", "NoDisc")
 # upstream hard-codes).  Arguments that only steer Lightning training (image_key, monitor,
 # scheduler_config, ...) are accepted and ignored by the model.
 _COMMON = ("ddconfig", "lossconfig", "n_embed", "embed_dim", "ckpt_path", "ignore_keys", "image_key",
-           "colorize_nlabels")
+           "colorize_nlabels",
+           # this tool's own: which kernel computes softmax attention (see SDPAAttnBlock)
+           "attn_impl")
 ACCEPTED_ARGS: Dict[str, Tuple[str, ...]] = {
     "VQ": _COMMON + ("monitor", "remap", "sane_index_shape", "beta",
                      # ldm.models.autoencoder.VQModel
@@ -74,7 +83,10 @@ _PASSED_THROUGH = ("model_variant",)
 REQUIRED_ARGS = ("ddconfig", "n_embed", "embed_dim")
 # ddconfig sizes that must be positive integers (ch_mult and attn_resolutions are lists).
 DDCONFIG_INT_KEYS = ("ch", "out_ch", "num_res_blocks", "in_channels", "resolution", "z_channels")
-ATTN_TYPES = ("vanilla", "linear", "none")
+ATTN_TYPES = ("vanilla", "vanilla-xformers", "linear", "none")
+# model_args.attn_impl: the kernel of softmax attention ("vanilla" is upstream's AttnBlock).
+ATTN_IMPLS = ("sdpa", "vanilla")
+DEFAULT_ATTN_IMPL = "sdpa"
 
 # Upstream defaults that are not constructor arguments there.
 DEFAULT_BETA = 0.25          # VQModel / EMAVQ commitment weight
@@ -108,13 +120,60 @@ class LinAttnBlock(nn.Module):
         return self.to_out(out.reshape(b, c, h, w))
 
 
-def _replace_attention(net: nn.Module, attn_type: str) -> None:
-    """Swap taming's AttnBlocks for latent-diffusion's ``attn_type`` choice."""
-    if attn_type == "vanilla":
+class SDPAAttnBlock(nn.Module):
+    """taming's ``AttnBlock`` computed with ``torch.nn.functional.scaled_dot_product_attention``.
+
+    The algorithm is upstream's, ``taming.modules.diffusionmodules.model.AttnBlock.forward``
+    (Esser et al. 2021, after the DDPM code of Ho et al. 2020): GroupNorm, 1x1-conv q, k, v
+    over the h*w positions with one head of ``c`` channels, scores scaled by
+    ``int(c) ** -0.5`` and softmaxed over the keys, values weighted by them, 1x1-conv
+    ``proj_out`` and the residual ``x + h``.  Only the middle (scores, softmax, weighted
+    sum) is handed to SDPA, with the same scale passed explicitly; latent-diffusion's
+    ``MemoryEfficientAttnBlock`` (``attn_type: vanilla-xformers``) does the same with
+    xformers.  The submodules are the upstream block's own (:meth:`from_block`), so the
+    state-dict keys, shapes, order and initial values are exactly upstream's.
+    """
+
+    def __init__(self, norm: nn.Module, q: nn.Module, k: nn.Module, v: nn.Module, proj_out: nn.Module,
+                 in_channels: int):
+        super().__init__()
+        self.in_channels = in_channels
+        self.norm = norm
+        self.q = q
+        self.k = k
+        self.v = v
+        self.proj_out = proj_out
+
+    @classmethod
+    def from_block(cls, block: nn.Module) -> "SDPAAttnBlock":
+        """Wrap the submodules (and so the weights) of a taming ``AttnBlock``."""
+        return cls(block.norm, block.q, block.k, block.v, block.proj_out, block.in_channels)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h_ = self.norm(x)
+        q, k, v = self.q(h_), self.k(h_), self.v(h_)
+        b, c, h, w = q.shape
+        # (b, c, h, w) -> (b, 1 head, h*w positions, c channels), contiguous: with a strided
+        # last dimension the fused CPU kernel is skipped for the math fallback, which
+        # materialises the (h*w)^2 scores this block exists to avoid.
+        q, k, v = (t.reshape(b, 1, c, h * w).transpose(2, 3).contiguous() for t in (q, k, v))
+        out = nn.functional.scaled_dot_product_attention(q, k, v, scale=int(c) ** (-0.5))
+        h_ = out.transpose(2, 3).reshape(b, c, h, w)
+        return x + self.proj_out(h_)
+
+
+def _replace_attention(net: nn.Module, attn_type: str, attn_impl: str = DEFAULT_ATTN_IMPL) -> None:
+    """Swap taming's AttnBlocks for latent-diffusion's ``attn_type`` choice and, for softmax
+    attention ("vanilla" / "vanilla-xformers"), the kernel ``attn_impl`` names."""
+    if attn_type in ("vanilla", "vanilla-xformers") and attn_impl == "vanilla":
         return
 
     def make(block: nn.Module) -> nn.Module:
-        return nn.Identity() if attn_type == "none" else LinAttnBlock(block.in_channels)
+        if attn_type == "none":
+            return nn.Identity()
+        if attn_type == "linear":
+            return LinAttnBlock(block.in_channels)
+        return SDPAAttnBlock.from_block(block)
 
     for level in list(getattr(net, "down", [])) + list(getattr(net, "up", [])):
         for i, block in enumerate(level.attn):
@@ -128,8 +187,10 @@ def _quiet_build(cls, **kwargs):
         return cls(**kwargs)
 
 
-def build_encoder_decoder(ddconfig: Dict[str, Any]) -> Tuple[nn.Module, nn.Module]:
-    """taming ``Encoder``/``Decoder`` for ``ddconfig``, with latent-diffusion's attention options."""
+def build_encoder_decoder(ddconfig: Dict[str, Any],
+                          attn_impl: str = DEFAULT_ATTN_IMPL) -> Tuple[nn.Module, nn.Module]:
+    """taming ``Encoder``/``Decoder`` for ``ddconfig``, with latent-diffusion's attention
+    options; softmax attention runs on ``attn_impl``'s kernel ("sdpa" or "vanilla")."""
     from taming.modules.diffusionmodules.model import Decoder, Encoder
 
     cfg = dict(ddconfig)
@@ -138,8 +199,8 @@ def build_encoder_decoder(ddconfig: Dict[str, Any]) -> Tuple[nn.Module, nn.Modul
     cfg.pop("tanh_out", None)
     encoder = _quiet_build(Encoder, **cfg)
     decoder = _quiet_build(Decoder, **cfg)
-    _replace_attention(encoder, attn_type)
-    _replace_attention(decoder, attn_type)
+    _replace_attention(encoder, attn_type, attn_impl)
+    _replace_attention(decoder, attn_type, attn_impl)
     return encoder, decoder
 
 
@@ -163,7 +224,7 @@ class TamingVQGAN(Tokenizer):
                  remap: Optional[str] = None, sane_index_shape: bool = False, beta: float = DEFAULT_BETA,
                  decay: float = DEFAULT_DECAY, eps: float = DEFAULT_EPS, kl_weight: float = DEFAULT_KL_WEIGHT,
                  temp_init: float = DEFAULT_TEMP_INIT, straight_through: bool = True, temperature_scheduler=None,
-                 colorize_nlabels: Optional[int] = None):
+                 colorize_nlabels: Optional[int] = None, attn_impl: str = DEFAULT_ATTN_IMPL):
         super().__init__()
         if variant not in VARIANTS:
             raise ValueError(f"unknown TamingVQGAN variant {variant!r}; choose one of {', '.join(VARIANTS)}")
@@ -174,7 +235,9 @@ class TamingVQGAN(Tokenizer):
         self.give_pre_end = bool(ddconfig.get("give_pre_end", False))
         z_channels = int(ddconfig["z_channels"])
 
-        self.encoder, self.decoder = build_encoder_decoder(ddconfig)
+        if attn_impl not in ATTN_IMPLS:
+            raise ValueError(f"unknown attn_impl {attn_impl!r}; choose one of {', '.join(ATTN_IMPLS)}")
+        self.encoder, self.decoder = build_encoder_decoder(ddconfig, attn_impl)
         if variant == "EMAVQ":
             self.quantize = EMAVectorQuantizer(n_embed, embed_dim, beta=beta, decay=decay, eps=eps,
                                                remap=remap, sane_index_shape=sane_index_shape)
@@ -443,6 +506,15 @@ def _argument_value_rules(args: Dict[str, Any], out: List[Finding]) -> None:
         out.append(Finding(ERROR, "model_args.remap", "bad_type", f"model_args.remap is {args['remap']!r}; "
                            "expected the path of a .npy file", "write the path, or remove remap"))
     file_findings(out, "model_args.ckpt_path", args.get("ckpt_path"), "a checkpoint to load")
+    impl = args.get("attn_impl")
+    if impl is not None and impl not in ATTN_IMPLS:   # None (an empty YAML value): the default
+        near = str(impl).strip().lower() if isinstance(impl, str) else None
+        out.append(Finding(ERROR, "model_args.attn_impl", "bad_value",
+                           f"attn_impl: {impl!r} is not one of {', '.join(ATTN_IMPLS)}",
+                           f"write attn_impl: {near}" if near in ATTN_IMPLS else
+                           "use sdpa (torch's scaled_dot_product_attention, the default) or vanilla "
+                           "(upstream's AttnBlock)",
+                           [("model_args.attn_impl", near)] if near in ATTN_IMPLS else []))
     keys = args.get("ignore_keys")
     if keys is not None and not isinstance(keys, str) and not (
             isinstance(keys, list) and all(isinstance(k, str) for k in keys)):
@@ -649,6 +721,7 @@ def build_taming_vqgan(cfg) -> TamingVQGAN:
         straight_through=bool(args.get("straight_through", True)),
         temperature_scheduler=_build_temperature_scheduler(args.get("temperature_scheduler_config")),
         colorize_nlabels=args.get("colorize_nlabels"),
+        attn_impl=args.get("attn_impl") or DEFAULT_ATTN_IMPL,
     )
     if args.get("ckpt_path"):
         ignore_keys = args.get("ignore_keys") or ()
