@@ -307,7 +307,7 @@ def run_model(model, batches: Iterable[Dict[str, torch.Tensor]], device: torch.d
                 if lpips is not None:
                     sums["lpips"] += float(lpips(x.float(), xrec.clamp(-1, 1)).double().sum())
                 for c, idx in zip(counts, codes):
-                    out_of_range += add_codes_(c, idx.long().cpu())   # e.g. remap's "extra" unknown index
+                    out_of_range += int(add_codes_(c, idx.long().cpu()))   # e.g. remap's "extra" unknown index
                 n_images += x.shape[0]
     finally:
         model.train(was_training)

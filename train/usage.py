@@ -30,13 +30,17 @@ def codebook_stats(counts: torch.Tensor) -> Dict[str, float]:
     return {"usage": float((counts > 0).float().mean()), "perplexity": float(entropy.exp())}
 
 
-def add_codes_(counts: torch.Tensor, codes: torch.Tensor) -> int:
-    """Add ``codes`` (any shape) to the histogram ``counts``; returns how many were outside
-    ``[0, len(counts))`` and left out (e.g. a remapped quantizer's "unknown" index)."""
+def add_codes_(counts: torch.Tensor, codes: torch.Tensor) -> torch.Tensor:
+    """Add ``codes`` (any shape) to the histogram ``counts``; returns, as a 0-dim tensor, how
+    many were outside ``[0, len(counts))`` and left out (e.g. a remapped quantizer's
+    "unknown" index).  Out-of-range codes go to one extra bin instead of being masked out,
+    so the training loop's call never waits for the device."""
+    n = counts.numel()
     codes = codes.reshape(-1).to(counts.device)
-    inside = (codes >= 0) & (codes < counts.numel())
-    counts += torch.bincount(codes[inside], minlength=counts.numel()).to(counts.dtype)
-    return int((~inside).sum())
+    inside = (codes >= 0) & (codes < n)
+    binned = torch.bincount(torch.where(inside, codes, torch.full_like(codes, n)), minlength=n + 1)
+    counts += binned[:n].to(counts.dtype)
+    return binned[n]
 
 
 def log_key(stat: str, index: int, n_codebooks: int) -> str:
