@@ -166,7 +166,9 @@ def run(argv: List[str]):
     if data_path is not None:
         # Recorded in the run's config.yaml, so a resume needs no --data.
         cfg.data.path = data_path
-    elif resume is not None and cfg.data.path is None:
+    elif resume is not None and config_path is not None and cfg.data.path is None:
+        # A config given next to --resume: the data the run recorded.  (Without one, cfg is
+        # the run's own config and already carries it: no second read of the checkpoint.)
         cfg.data.path = stored_data_path(resume)
 
     data = resolve_data(cfg)
