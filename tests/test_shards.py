@@ -4,7 +4,6 @@ import io
 import json
 import os
 import shutil
-import tarfile
 
 import numpy as np
 import pytest
