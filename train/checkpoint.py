@@ -120,7 +120,7 @@ def training_state(run) -> Dict[str, Any]:
     return {
         "format": FORMAT, "version": VERSION,
         "global_step": run.step,
-        "epoch": (run.step * run.images_per_step) // max(1, len(run.data.paths)),
+        "epoch": (run.step * run.images_per_step) // run.data.n_images if run.data.n_images else None,
         "model": run.model.state_dict(),
         "loss": ({f"discriminator.{k}": v for k, v in run.disc.module.state_dict().items()}
                  if run.disc is not None else {}),
@@ -129,7 +129,7 @@ def training_state(run) -> Dict[str, Any]:
         "scalers": {s.name: s.scaler.state_dict() for s in sides if s.scaler is not None},
         "rng": capture_rng(),
         "data": {"next_step": run.step, "images_per_step": run.images_per_step,
-                 "seed": int(run.cfg.train.seed), "n_images": len(run.data.paths)},
+                 "seed": int(run.cfg.train.seed), "n_images": run.data.n_images},
         "counters": {"bad_steps": run.guard.total, "skipped_images": run.skipped_images},
         "world_size": run.world,
         "config": OmegaConf.to_yaml(run.cfg, resolve=True),

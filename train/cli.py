@@ -31,6 +31,7 @@ COMMANDS = {
     "migrate": ("train.migrate", "convert a legacy config and checkpoint into this tool"),
     "eval": ("train.evaluate", "reconstruction metrics of a checkpoint on a data set"),
     "extract-features": ("train.features", "cache DINO teacher features for DinoVQ"),
+    "write-shards": ("train.shards", "write images into WebDataset tar shards for fit --data PATTERN"),
     "demo": ("train.demo", "train a small EMAVQ on built-in photos for a few minutes (make demo)"),
 }
 

@@ -16,6 +16,7 @@ from torch import nn
 from adapters.distributed import is_distributed
 from adapters.ema_quantizer import TooFewVectors
 from train.data import DataSpec, fixed_crops
+from train.shards import ShardSpec, first_crops
 from train.errors import UserError
 
 # Training crops encoded for the start (more when the codes outnumber their encoder
@@ -39,7 +40,7 @@ def init_codebook_from_data(model: nn.Module, cfg, data: DataSpec) -> Dict[str, 
                         "model_args.ckpt_path; set train.init_codebook_from_data=false to keep it")
     seed, n = int(cfg.train.seed), CODEBOOK_INIT_CROPS
     while True:
-        crops = fixed_crops(data, n, seed=seed)
+        crops = (first_crops if isinstance(data, ShardSpec) else fixed_crops)(data, n, seed=seed)
         try:
             drawn = init(crops, seed=seed, batch_size=int(cfg.train.batch_size))
             break

@@ -46,6 +46,8 @@ from torch.utils.data import Dataset
 from train.errors import UserError
 from train.schema import DataSection
 
+# A --data value ending in one of these names WebDataset tar shards (train/shards.py).
+SHARD_SUFFIXES = (".tar", ".tar.gz", ".tgz")
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".ppm", ".pgm")
 
 # scikit-image's bundled colour photographs (skimage/data) used by ``--data builtin``; its
@@ -89,6 +91,11 @@ class DataSpec:
     max_pixels: int = DEFAULT_MAX_PIXELS
     # Why each unreadable file was dropped (path -> problem and fix), for the messages.
     problems: Dict[str, str] = field(default_factory=dict)
+
+    @property
+    def n_images(self) -> int:
+        """Images in one epoch (``train/shards.py``'s ShardSpec counts its samples)."""
+        return len(self.paths)
 
 
 # ----------------------------------------------------------------------------------------
@@ -174,10 +181,19 @@ def data_argument(value: str, flag: str = "--data") -> str:
     return value if value == "builtin" else os.path.abspath(value)
 
 
+def is_shard_pattern(value) -> bool:
+    """Whether a ``--data`` value names tar shards (a brace pattern or one ``.tar`` file)."""
+    return isinstance(value, str) and value.lower().endswith(SHARD_SUFFIXES)
+
+
 def paths_from_argument(path: str) -> Tuple[List[str], str]:
     """A ``--data`` value -> (file paths, description)."""
     if not str(path).strip():
         raise UserError("data.path is empty; give an image folder, a file list (one path per line) or 'builtin'")
+    if is_shard_pattern(path):
+        # fit reads shards through train/shards.py before it gets here; other commands read files.
+        raise UserError(f"--data {path}: WebDataset shards are read by `fit` only; give this command an image "
+                        "folder or a file list")
     if path == "builtin":
         paths = builtin_paths()
         return paths, f"builtin ({len(paths)} scikit-image photographs)"
@@ -567,4 +583,4 @@ def fixed_crops(spec: DataSpec, count: int, seed: int = 0) -> torch.Tensor:
 __all__ = ["DataSpec", "ImageCrops", "StepBatchSampler", "resolve_data", "make_loader", "fixed_crops",
            "builtin_paths", "list_folder", "read_file_list", "steps_for_epochs", "BUILTIN_TRAIN",
            "BUILTIN_HELDOUT", "ImageRefused", "load_rgb", "to_rgb", "crop_image", "image_problem",
-           "data_argument", "no_image_message"]
+           "data_argument", "no_image_message", "is_shard_pattern"]

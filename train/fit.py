@@ -6,7 +6,8 @@
 
 * ``CONFIG``: a legacy JSON, taming YAML or native config (``train/config.py``);
   ``key=value`` overrides use the normalized names (``train.batch_size=4``).
-* ``--data``: an image folder, a file list (one path per line) or ``builtin``; default:
+* ``--data``: an image folder, a file list (one path per line), ``builtin`` or WebDataset
+  shards (``'shards/train-{0000..0127}.tar'``, ``train/shards.py``); default:
   ``data.path`` of the config, then a taming ``CustomTrain`` data section.
 * ``--out``: the run folder itself; default ``logs/<timestamp>_<name>/`` as taming's.
 * ``--resume``: a run folder, a ``.ckpt`` written by this command, or a folder written by
@@ -33,7 +34,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = CommandParser(prog="python -m train fit", description="Train a VQ tokenizer from a config.")
     p.add_argument("items", nargs="*", metavar="CONFIG [key=value ...]",
                    help="config file, then overrides such as train.batch_size=4")
-    p.add_argument("--data", help="image folder, file list (one path per line) or 'builtin'")
+    p.add_argument("--data", help="image folder, file list (one path per line), 'builtin' or tar shards "
+                                     "('shards/train-{0000..0127}.tar')")
     p.add_argument("--out", help="run folder (default logs/<timestamp>_<name>/)")
     p.add_argument("--max-steps", type=positive_int, help="train up to this global step")
     p.add_argument("--resume", help="run folder, checkpoint file, or migrated folder to continue from")
@@ -155,7 +157,8 @@ def run(argv: List[str]):
         overrides.append(f"train.max_steps={args.max_steps}")
 
     from train.checkpoint import LAST
-    from train.data import data_argument, resolve_data
+    from train.data import data_argument, is_shard_pattern, resolve_data
+    from train.shards import resolve_shards
 
     # Command-line mistakes first, in milliseconds, before minutes of start-up.
     data_path = data_argument(args.data) if args.data is not None else None
@@ -171,7 +174,7 @@ def run(argv: List[str]):
         # the run's own config and already carries it: no second read of the checkpoint.)
         cfg.data.path = stored_data_path(resume)
 
-    data = resolve_data(cfg)
+    data = resolve_shards(cfg) if is_shard_pattern(cfg.data.path) else resolve_data(cfg)
 
     started_dist = init_distributed()
     try:

@@ -58,6 +58,7 @@ from train.errors import TrainingStopped, UserError, raise_for_errors
 from train.logger import RunLogger
 from train.rank_sync import check_ranks_in_sync
 from train.run_folder import WRITTEN_FOLDERS, open_run_folder
+from train.shards import ShardSpec, make_shard_loader
 from train.sides import Side, autocast, each, make_sides
 from train.step_guard import StepGuard
 from train.validate import train_value_findings
@@ -158,7 +159,7 @@ class Trainer:
         self.images_per_step = t.batch_size * t.accumulate_grad_batches * self.world
         self.max_steps = t.max_steps
         if self.max_steps is None and t.max_epochs is not None:
-            self.max_steps = steps_for_epochs(t.max_epochs, len(data.paths), self.images_per_step)
+            self.max_steps = steps_for_epochs(t.max_epochs, data.n_images, self.images_per_step)
         self.step, self.skipped_images, self.resumed_from = 0, 0, None
         if resume is not None:
             ckpt.restore(self, resume)
@@ -211,7 +212,8 @@ class Trainer:
                         start_step=self.step, use_bar=self.use_bar)
         self._write_config()
         self._print_header(log)
-        batches = iter(make_loader(self.data, t.seed, t.batch_size, accumulate, self.world, self.rank,
+        loader = make_shard_loader if isinstance(self.data, ShardSpec) else make_loader
+        batches = iter(loader(self.data, t.seed, t.batch_size, accumulate, self.world, self.rank,
                                    start_step=self.step, end_step=self.max_steps, num_workers=t.num_workers,
                                    pin_memory=self.device.type == "cuda"))
         started, stop = time.time(), GracefulStop()
@@ -296,6 +298,9 @@ class Trainer:
         """Count undecodable images, move the batch to the device, run the augmenter."""
         self.skipped_images += int(batch["skipped"].sum())
         batch = {k: (v.to(self.device, non_blocking=True) if torch.is_tensor(v) else v) for k, v in batch.items()}
+        if batch["image"].dtype == torch.uint8:
+            # uint8 crops (shards) become taming's image / 127.5 - 1 on the device.
+            batch["image"] = batch["image"].float() / 127.5 - 1.0
         return self.batch_augmenter(batch, step) if self.batch_augmenter is not None else batch
 
     def _sync_gradients(self, last_micro: bool):
