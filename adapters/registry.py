@@ -24,6 +24,8 @@ gan_settings        ``gan_settings(data) -> (use_gan, params)``: where the GAN s
 codebooks           ``codebooks(variant) -> names``: one name per codebook the model has
 ema_codebook        ``ema_codebook(variant) -> bool``: codebook(s) updated by EMA
 tiny_config         ``tiny_config() -> dict``: a CPU-sized config in the schema's shape
+stock_incompatible  ``stock_incompatible(data) -> reason or None``: why upstream's own code would
+                    decode a model of this config differently (``migrate --export`` refuses it)
 batch_hook          optional ``batch_hook(cfg, device) -> fn(batch, step) -> batch``: adds
                     what the loss family needs to each batch (DinoVQ's teacher features)
 ==================  ====================================================================
@@ -95,6 +97,7 @@ class ModelTypeSpec:
     ema_codebook: Callable[[Optional[str]], bool] = lambda variant: False
     tiny_config: Callable[[], Dict[str, Any]] = dict
     batch_hook: Optional[Callable[[Any, Any], Optional[Callable]]] = None
+    stock_incompatible: Callable[[Dict[str, Any]], Optional[str]] = lambda data: None
     # Added to a variant_mismatch fix that suggests dropping the variant (why it has none).
     mismatch_hint: str = ""
 
