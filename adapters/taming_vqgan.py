@@ -767,6 +767,7 @@ TAMING_LOSS = "taming.modules.losses.vqperceptual.VQLPIPSWithDiscriminator"
     accepted_args=accepted_args,
     rules=taming_rules,
     stock_incompatible=stock_decoding_problem,
+    opt_in_args=LOOKUP_ARGS,
     codebooks=lambda variant: ("codebook",),
     ema_codebook=lambda variant: variant == "EMAVQ",
     tiny_config=_tiny_config,
