@@ -52,7 +52,8 @@ from adapters.dinovq import LOSS_ARG_NAMES, dinovq_rules, student_geometry
 from adapters.registry import register_loss_implementation
 from losses.calculator import GeneratorOutput, LossCalculator, constructor_parameters, param_findings
 from losses.gan import (ADVERSARIAL_DEFAULTS, adaptive_weight, adversarial_findings, build_discriminator,
-                        build_lecam, disc_factor_at, get_d_loss, get_g_loss, patchgan_findings, requires_grad_off)
+                        build_lecam, disc_factor_at, get_d_loss, get_g_loss, patchgan_findings, regularised_d_loss,
+                        requires_grad_off)
 from losses.perceptual import build_taming_lpips
 from train.errors import Finding, UserError, raise_for_errors
 from train.schema import DataSection, as_dict, config_data
@@ -198,14 +199,11 @@ class DinoVQLoss(nn.Module):
                     "disc_weight": zero, "logits_real": zero, "logits_fake": zero}
         logits_real = self.discriminator(inputs.detach().contiguous()).float()
         logits_fake = self.discriminator(reconstructions.detach().contiguous()).float()
-        d_loss = self.d_loss(logits_real, logits_fake)
-        extra = {}
-        if self.lecam is not None:
-            # The anchors move only on training steps (the loss in train mode).
-            lecam_loss = self.lecam(logits_real, logits_fake, update=self.training)
-            d_loss = d_loss + lecam_loss
-            extra["lecam_loss"] = lecam_loss.detach()
-        return {"disc_loss": factor * d_loss,
+        # The LeCAM anchors move only on training steps (the loss in train mode).
+        d_loss, lecam_loss = regularised_d_loss(self.d_loss(logits_real, logits_fake), self.lecam, logits_real,
+                                                logits_fake, factor, self.training)
+        extra = {} if lecam_loss is None else {"lecam_loss": lecam_loss.detach()}
+        return {"disc_loss": d_loss,
                 "disc_weight": _scalar(factor, inputs),
                 "logits_real": logits_real.detach().mean(),
                 "logits_fake": logits_fake.detach().mean(), **extra}

@@ -68,6 +68,17 @@ def build_lecam(lecam_weight: Any, lecam_ema_decay: Any = DEFAULT_LECAM_DECAY) -
     return LeCAM(weight, float(lecam_ema_decay)) if weight > 0 else None
 
 
+def regularised_d_loss(d_loss: torch.Tensor, lecam: Optional[LeCAM], logits_real: torch.Tensor,
+                       logits_fake: torch.Tensor, factor: float, update: bool):
+    """``(factor * (d_loss + LeCAM term), LeCAM term)``; without LeCAM ``(factor * d_loss, None)``.
+
+    ``update``: the anchors take this batch (training steps only, not evaluation)."""
+    if lecam is None:
+        return factor * d_loss, None
+    reg = lecam(logits_real, logits_fake, update=update)
+    return factor * (d_loss + reg), reg
+
+
 def adversarial_findings(prefix: str, params: Dict[str, Any], use_gan: bool = True) -> List[Finding]:
     """``generator_loss`` one of :data:`G_LOSSES`, ``lecam_weight`` a number in [0, 1e3],
     ``lecam_ema_decay`` in (0, 1); a warning when they are set but no GAN runs."""

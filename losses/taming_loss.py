@@ -70,7 +70,7 @@ from taming.modules.losses.vqperceptual import VQLPIPSWithDiscriminator, adopt_w
 from adapters.registry import register_loss_implementation, spec_for_config
 from losses.calculator import GeneratorOutput, LossCalculator, constructor_parameters, param_findings
 from losses.gan import (ADVERSARIAL_DEFAULTS, D_LOSSES, adversarial_findings, build_lecam, disc_factor_at,
-                        get_g_loss, patchgan_findings, requires_grad_off)
+                        get_g_loss, patchgan_findings, regularised_d_loss, requires_grad_off)
 from losses.perceptual import build_taming_lpips
 from train.errors import ERROR, Finding, UserError, raise_for_errors
 from train.schema import DataSection, as_dict, config_data
@@ -379,17 +379,13 @@ class TamingLossCalculator(LossCalculator, VQLPIPSWithDiscriminator):
         if logits_fake is None:
             logits_fake = self.discriminator(fake)
         factor = adopt_weight(self.disc_factor, global_step, threshold=self.discriminator_iter_start)
-        d_loss = self.disc_loss(logits_real, logits_fake)
-        if self.lecam is not None:
-            # The anchors move only on training steps (the calculator in train mode).
-            lecam_loss = self.lecam(logits_real, logits_fake, update=self.training)
-            d_loss = factor * (d_loss + lecam_loss)
-        else:
-            d_loss = factor * d_loss
+        # The LeCAM anchors move only on training steps (the calculator in train mode).
+        d_loss, lecam_loss = regularised_d_loss(self.disc_loss(logits_real, logits_fake), self.lecam, logits_real,
+                                                logits_fake, factor, self.training)
         log = {f"{split}/disc_loss": d_loss.clone().detach().mean(),
                f"{split}/logits_real": logits_real.detach().mean(),
                f"{split}/logits_fake": logits_fake.detach().mean()}
-        if self.lecam is not None:
+        if lecam_loss is not None:
             log[f"{split}/lecam_loss"] = lecam_loss.detach()
         return d_loss, log
 

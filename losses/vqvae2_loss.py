@@ -276,19 +276,15 @@ class VQVAE2LossCalculator(LossCalculator):
         # Both inputs are detached: no gradient reaches the generator.
         logits_real = self.discriminator(out.inputs.detach().contiguous())
         logits_fake = self.discriminator(out.reconstructions.detach().contiguous())
-        d_loss = self.d_loss_fn(logits_real, logits_fake)
-        if self.lecam is not None:
-            lecam_loss = self.lecam(logits_real, logits_fake, update=self.training)
-            d_loss = disc_factor * (d_loss + lecam_loss)
-        else:
-            d_loss = disc_factor * d_loss
+        d_loss, lecam_loss = gan.regularised_d_loss(self.d_loss_fn(logits_real, logits_fake), self.lecam,
+                                                    logits_real, logits_fake, disc_factor, self.training)
         log = {
             f"{split}/disc_loss": d_loss.detach().clone(),
             f"{split}/logits_real": logits_real.detach().mean(),
             f"{split}/logits_fake": logits_fake.detach().mean(),
             f"{split}/disc_factor": torch.tensor(float(disc_factor)),
         }
-        if self.lecam is not None:
+        if lecam_loss is not None:
             log[f"{split}/lecam_loss"] = lecam_loss.detach()
         return d_loss, log
 
