@@ -294,7 +294,9 @@ MODEL_ARG_NAMES = ("img_size", "encoder_embed_dim", "codebook_size", "patch_size
 LOSS_ARG_NAMES = ("dino_loss_weight", "recon_loss_weight", "vq_loss_weight", "use_perceptual",
                   "perceptual_weight", "vgg_ckpt_path", "allow_random_vgg", "use_gan", "disc_start",
                   "disc_weight", "disc_factor", "disc_dim", "disc_num_layers", "disc_adaptive_weight",
-                  "disc_loss", "disc_in_channels")
+                  "disc_loss", "disc_in_channels",
+                  # adversarial opt-ins (losses/gan.py, losses/lecam.py); off by default
+                  "generator_loss", "lecam_weight", "lecam_ema_decay")
 
 
 def accepted_args(variant: Optional[str]) -> Tuple[List[str], bool]:

@@ -24,6 +24,10 @@ gan_settings        ``gan_settings(data) -> (use_gan, params)``: where the GAN s
 codebooks           ``codebooks(variant) -> names``: one name per codebook the model has
 ema_codebook        ``ema_codebook(variant) -> bool``: codebook(s) updated by EMA
 tiny_config         ``tiny_config() -> dict``: a CPU-sized config in the schema's shape
+opt_in_args         model_args names of opt-in features (e.g. ``codebook_l2_norm``): another
+                    type (or variant) given one gets an error naming who takes it, not a warning
+stock_incompatible  ``stock_incompatible(data) -> reason or None``: why upstream's own code would
+                    decode a model of this config differently (``migrate --export`` refuses it)
 batch_hook          optional ``batch_hook(cfg, device) -> fn(batch, step) -> batch``: adds
                     what the loss family needs to each batch (DinoVQ's teacher features)
 ==================  ====================================================================
@@ -95,6 +99,8 @@ class ModelTypeSpec:
     ema_codebook: Callable[[Optional[str]], bool] = lambda variant: False
     tiny_config: Callable[[], Dict[str, Any]] = dict
     batch_hook: Optional[Callable[[Any, Any], Optional[Callable]]] = None
+    stock_incompatible: Callable[[Dict[str, Any]], Optional[str]] = lambda data: None
+    opt_in_args: Tuple[str, ...] = ()
     # Added to a variant_mismatch fix that suggests dropping the variant (why it has none).
     mismatch_hint: str = ""
 
@@ -302,6 +308,13 @@ def model_arg_findings(spec: ModelTypeSpec, data: Dict[str, Any], variant: Optio
         if key in names:
             continue
         path = f"model_args.{key}"
+        takers = [n for n, other in _MODEL_TYPES.items() if key in other.opt_in_args and n != spec.name]
+        if takers:
+            out.append(Finding(ERROR, path, "opt_in_unsupported",
+                               f"model_args.{key} is an opt-in of model type {' / '.join(takers)}; {spec.name} "
+                               "cannot use it (it would be silently ignored)",
+                               f"remove {key}, or set model_type: {takers[0]}", [(path, DELETE)]))
+            continue
         close = near(key, names)
         if close and close not in args:
             out.append(Finding(ERROR, path, "unknown_model_arg",

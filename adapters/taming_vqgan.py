@@ -50,13 +50,14 @@ from torch import nn
 
 from adapters.contract import Tokenizer
 from adapters.ema_quantizer import EMAVectorQuantizer
+from adapters.vq_lookup import LookupQuantizer
 from adapters.registry import (IMAGE_CHANNELS, MAX_BLOCKS, MAX_CODES, MAX_IMAGE_SIZE, MAX_WIDTH, LossFamilySpec,
                                RegistryError, VariantSpec, canonical_loss_target, check_model_args, file_findings,
                                get_model_type, int_findings, number_findings, register_model_type,
                                resolve_variant)
 from adapters.weights import (drop_prefixes, load_checkpoint_state_dict, load_model_weights,
                               strip_wrapper_prefixes)
-from train.errors import (ERROR, WARNING, Finding, UserError, coerce_like, is_int, raise_for_errors,
+from train.errors import (DELETE, ERROR, WARNING, Finding, UserError, coerce_like, is_int, raise_for_errors,
                           type_finding)
 from train.schema import DataSection, as_dict
 
@@ -68,7 +69,9 @@ VARIANTS = ("VQ", "EMAVQ", "Gumbel", "NoDisc")
 _COMMON = ("ddconfig", "lossconfig", "n_embed", "embed_dim", "ckpt_path", "ignore_keys", "image_key",
            "colorize_nlabels",
            # this tool's own: which kernel computes softmax attention (see SDPAAttnBlock)
-           "attn_impl")
+           "attn_impl",
+           # lookup opt-ins for VectorQuantizer2 (adapters/vq_lookup.py); VQ / NoDisc only
+           "codebook_l2_norm", "codebook_embed_dim")
 ACCEPTED_ARGS: Dict[str, Tuple[str, ...]] = {
     "VQ": _COMMON + ("monitor", "remap", "sane_index_shape", "beta",
                      # ldm.models.autoencoder.VQModel
@@ -87,6 +90,10 @@ ATTN_TYPES = ("vanilla", "vanilla-xformers", "linear", "none")
 # model_args.attn_impl: the kernel of softmax attention ("vanilla" is upstream's AttnBlock).
 ATTN_IMPLS = ("sdpa", "vanilla")
 DEFAULT_ATTN_IMPL = "sdpa"
+# Variants whose quantizer is taming's VectorQuantizer2: the only ones the lookup opt-ins
+# (model_args.codebook_l2_norm, model_args.codebook_embed_dim) apply to.
+LOOKUP_VARIANTS = ("VQ", "NoDisc")
+LOOKUP_ARGS = ("codebook_l2_norm", "codebook_embed_dim")
 
 # Upstream defaults that are not constructor arguments there.
 DEFAULT_BETA = 0.25          # VQModel / EMAVQ commitment weight
@@ -224,7 +231,8 @@ class TamingVQGAN(Tokenizer):
                  remap: Optional[str] = None, sane_index_shape: bool = False, beta: float = DEFAULT_BETA,
                  decay: float = DEFAULT_DECAY, eps: float = DEFAULT_EPS, kl_weight: float = DEFAULT_KL_WEIGHT,
                  temp_init: float = DEFAULT_TEMP_INIT, straight_through: bool = True, temperature_scheduler=None,
-                 colorize_nlabels: Optional[int] = None, attn_impl: str = DEFAULT_ATTN_IMPL):
+                 colorize_nlabels: Optional[int] = None, attn_impl: str = DEFAULT_ATTN_IMPL,
+                 codebook_l2_norm: bool = False, codebook_embed_dim: Optional[int] = None):
         super().__init__()
         if variant not in VARIANTS:
             raise ValueError(f"unknown TamingVQGAN variant {variant!r}; choose one of {', '.join(VARIANTS)}")
@@ -249,6 +257,13 @@ class TamingVQGAN(Tokenizer):
             self.quantize = _quiet_build(GumbelQuantize, num_hiddens=z_channels, embedding_dim=embed_dim,
                                          n_embed=n_embed, kl_weight=kl_weight, temp_init=temp_init,
                                          straight_through=straight_through, remap=remap)
+        elif codebook_l2_norm or (codebook_embed_dim and codebook_embed_dim != embed_dim):
+            if variant not in LOOKUP_VARIANTS:
+                raise ValueError(f"codebook_l2_norm / codebook_embed_dim need a VectorQuantizer2 variant "
+                                 f"({', '.join(LOOKUP_VARIANTS)}), not {variant}")
+            self.quantize = LookupQuantizer(n_embed, embed_dim, beta, l2_norm=codebook_l2_norm,
+                                            lookup_dim=codebook_embed_dim, remap=remap,
+                                            sane_index_shape=sane_index_shape)
         else:
             from taming.modules.vqvae.quantize import VectorQuantizer2
 
@@ -399,6 +414,7 @@ def taming_rules(data: Dict[str, Any], variant: Optional[str], out: List[Finding
                            f"remap: file not found: {remap}",
                            "give the .npy file of used code indices or remove remap"))
     _argument_value_rules(args, out)
+    _lookup_rules(args, variant, out)
     dd = args.get("ddconfig")
     if dd is None:
         return
@@ -533,6 +549,65 @@ def _argument_value_rules(args: Dict[str, Any], out: List[Finding]) -> None:
             out.append(Finding(ERROR, "model_args.temperature_scheduler_config", "bad_value",
                                f"model_args.temperature_scheduler_config fails at step 0 "
                                f"({type(exc).__name__}: {exc})", "check its params (numbers, steps)"))
+
+
+def active_lookup_args(args: Dict[str, Any]) -> List[str]:
+    """The lookup opt-ins ``args`` turns on (``codebook_embed_dim`` equal to ``embed_dim``
+    projects nothing and is taming's lookup)."""
+    on = []
+    if args.get("codebook_l2_norm") not in (None, False):
+        on.append("codebook_l2_norm")
+    dim = args.get("codebook_embed_dim")
+    if dim is not None and dim != args.get("embed_dim"):
+        on.append("codebook_embed_dim")
+    return on
+
+
+def stock_decoding_problem(data: Dict[str, Any]) -> Optional[str]:
+    """Why stock taming would decode a model of this config differently, or None (registry
+    field ``stock_incompatible``; ``migrate --export`` refuses such models)."""
+    args = data.get("model_args") or {}
+    used = active_lookup_args(args) if isinstance(args, dict) else []
+    if not used:
+        return None
+    what = []
+    if "codebook_l2_norm" in used:
+        what.append("codebook_l2_norm l2-normalises the encoder output and the codes before the lookup "
+                    "(taming's VectorQuantizer2 uses them as they are)")
+    if "codebook_embed_dim" in used:
+        what.append(f"codebook_embed_dim {args['codebook_embed_dim']} looks codes up in a "
+                    "projected space (quantize.proj_down / proj_up, which taming does not have)")
+    return "; ".join(what)
+
+
+def _lookup_rules(args: Dict[str, Any], variant: Optional[str], out: List[Finding]) -> None:
+    """``codebook_l2_norm`` / ``codebook_embed_dim`` (``adapters/vq_lookup.py``): a bool and an
+    integer in [1, embed_dim], for the variants whose quantizer is VectorQuantizer2."""
+    l2 = args.get("codebook_l2_norm")
+    if l2 is not None and not isinstance(l2, bool):
+        fixed = {"true": True, "false": False, "1": True, "0": False}.get(str(l2).strip().lower())
+        out.append(Finding(ERROR, "model_args.codebook_l2_norm", "bad_type",
+                           f"model_args.codebook_l2_norm is {l2!r}; expected true or false",
+                           f"write codebook_l2_norm: {str(fixed).lower()}" if fixed is not None
+                           else "write true (l2-normalised lookup) or false (taming's lookup)",
+                           [("model_args.codebook_l2_norm", fixed)] if fixed is not None else []))
+    dim = args.get("codebook_embed_dim")
+    embed_dim = args.get("embed_dim")
+    if dim is not None:
+        high = embed_dim if is_int(embed_dim) and 0 < embed_dim <= MAX_WIDTH else MAX_WIDTH
+        int_findings(out, "model_args.codebook_embed_dim", dim, 1, high,
+                     f"the lookup width (at most embed_dim {high}: it is a projection down)"
+                     if high == embed_dim else "the lookup width")
+    used = active_lookup_args(args)
+    if used and variant is not None and variant not in LOOKUP_VARIANTS:
+        quantizer = {"EMAVQ": "an EMA codebook (adapters/ema_quantizer.py)",
+                     "Gumbel": "GumbelQuantize"}.get(variant, "another quantizer")
+        out.append(Finding(ERROR, f"model_args.{used[0]}", "lookup_needs_vq2",
+                           f"{' and '.join(used)} change VectorQuantizer2's lookup, but TamingVQGAN {variant} uses "
+                           f"{quantizer}: only TamingVQGAN variants {' and '.join(LOOKUP_VARIANTS)} "
+                           "(taming's VectorQuantizer2) can use them",
+                           f"set model_variant: VQ, or remove {' and '.join(used)}",
+                           [(f"model_args.{k}", DELETE) for k in used]))
 
 
 def _size_rules(args: Dict[str, Any], dd: Dict[str, Any], ch_mult, data: Dict[str, Any],
@@ -691,6 +766,8 @@ TAMING_LOSS = "taming.modules.losses.vqperceptual.VQLPIPSWithDiscriminator"
     },
     accepted_args=accepted_args,
     rules=taming_rules,
+    stock_incompatible=stock_decoding_problem,
+    opt_in_args=LOOKUP_ARGS,
     codebooks=lambda variant: ("codebook",),
     ema_codebook=lambda variant: variant == "EMAVQ",
     tiny_config=_tiny_config,
@@ -722,6 +799,8 @@ def build_taming_vqgan(cfg) -> TamingVQGAN:
         temperature_scheduler=_build_temperature_scheduler(args.get("temperature_scheduler_config")),
         colorize_nlabels=args.get("colorize_nlabels"),
         attn_impl=args.get("attn_impl") or DEFAULT_ATTN_IMPL,
+        codebook_l2_norm=bool(args.get("codebook_l2_norm") or False),
+        codebook_embed_dim=int(args["codebook_embed_dim"]) if "codebook_embed_dim" in active_lookup_args(args) else None,
     )
     if args.get("ckpt_path"):
         ignore_keys = args.get("ignore_keys") or ()

@@ -27,6 +27,7 @@ import torch
 from torch import nn
 
 from adapters.registry import get_loss_implementation, get_model_type
+from losses import lecam
 from train.errors import DELETE, ERROR, Finding, is_int, is_number, near, type_finding
 
 
@@ -128,6 +129,17 @@ class LossCalculator(nn.Module):
     def disc_factor_at(self, global_step: int) -> float:
         """The effective weight of the GAN term at ``global_step`` (0 when it is off)."""
         raise NotImplementedError
+
+    # ---- state carried between steps (besides the discriminator) -------------------
+    def running_state(self) -> Dict[str, torch.Tensor]:
+        """Buffers the loss updates as it trains (LeCAM's moving averages), by state-dict
+        name; empty unless an opt-in keeps some.  The checkpoint's ``loss`` entry holds them
+        next to ``discriminator.*``."""
+        return lecam.running_state(self)
+
+    def load_running_state(self, state: Dict[str, torch.Tensor]) -> List[str]:
+        """Restore :meth:`running_state` from ``state``; returns the names it lacked."""
+        return lecam.load_running_state(self, state)
 
     def should_update_discriminator(self, global_step: int) -> bool:
         """True when the trainer must run a discriminator step at ``global_step``."""

@@ -15,6 +15,11 @@ Terms (the DinoVQ reference API's keys; every one is returned unweighted and as 
                       adaptive weight (Esser et al. 2021, eq. 7) times ``disc_weight`` when
                       ``disc_adaptive_weight``, else ``disc_weight``.
 
+Opt-ins in ``model_args`` (off by default, ``losses/gan.py``): ``generator_loss:
+non_saturating`` makes ``gen_adv_loss`` ``mean softplus(-D(x_rec))``; ``lecam_weight > 0``
+adds LeCAM's regulariser (``lecam_loss``, weighted) to ``disc_loss``, its moving averages in
+``loss_fn.lecam.*``.
+
 The discriminator update returns ``disc_loss`` (hinge, times the disc factor),
 ``disc_weight`` (the disc factor in force at that step: 0 before ``disc_start``),
 ``logits_real`` and ``logits_fake`` (means).
@@ -46,7 +51,9 @@ from adapters.dino_features import FeatureShapeError
 from adapters.dinovq import LOSS_ARG_NAMES, dinovq_rules, student_geometry
 from adapters.registry import register_loss_implementation
 from losses.calculator import GeneratorOutput, LossCalculator, constructor_parameters, param_findings
-from losses.gan import adaptive_weight, build_discriminator, patchgan_findings, disc_factor_at, get_d_loss, requires_grad_off
+from losses.gan import (ADVERSARIAL_DEFAULTS, adaptive_weight, adversarial_findings, build_discriminator,
+                        build_lecam, disc_factor_at, get_d_loss, get_g_loss, patchgan_findings, regularised_d_loss,
+                        requires_grad_off)
 from losses.perceptual import build_taming_lpips
 from train.errors import Finding, UserError, raise_for_errors
 from train.schema import DataSection, as_dict, config_data
@@ -97,7 +104,10 @@ class DinoVQLoss(nn.Module):
                  allow_random_vgg: bool = False, use_gan: bool = False, disc_start: int = 10000,
                  disc_weight: float = 0.5, disc_factor: float = 1.0, disc_dim: int = 64,
                  disc_num_layers: int = 3, disc_adaptive_weight: bool = True,
-                 disc_loss: str = "hinge", disc_in_channels: int = 3):
+                 disc_loss: str = "hinge", disc_in_channels: int = 3,
+                 generator_loss: str = ADVERSARIAL_DEFAULTS["generator_loss"],
+                 lecam_weight: float = ADVERSARIAL_DEFAULTS["lecam_weight"],
+                 lecam_ema_decay: float = ADVERSARIAL_DEFAULTS["lecam_ema_decay"]):
         super().__init__()
         self.weights = {"dino_loss": float(dino_loss_weight), "recon_loss": float(recon_loss_weight),
                         "vq_loss": float(vq_loss_weight), "perceptual_loss": float(perceptual_weight)}
@@ -108,6 +118,9 @@ class DinoVQLoss(nn.Module):
         self.disc_factor = float(disc_factor)
         self.disc_adaptive_weight = bool(disc_adaptive_weight)
         self.d_loss = get_d_loss(disc_loss)
+        self.g_loss_fn = get_g_loss(generator_loss)
+        # LeCAM only with a discriminator to regularise (None: nothing built, nothing saved).
+        self.lecam = build_lecam(lecam_weight, lecam_ema_decay) if self.use_gan else None
         self.perceptual = None
         if self.use_perceptual:
             # taming's LPIPS freezes its own parameters and stays in eval mode.
@@ -157,7 +170,7 @@ class DinoVQLoss(nn.Module):
         # Frozen for the forward, so backward builds no edge into the discriminator.
         with requires_grad_off(self.discriminator):
             logits_fake = self.discriminator(reconstructions.contiguous())
-        g_loss = -logits_fake.float().mean()
+        g_loss = self.g_loss_fn(logits_fake.float())
         if not self.disc_adaptive_weight:
             d_weight = self.disc_weight
         elif last_layer is not None and torch.is_grad_enabled() and g_loss.requires_grad:
@@ -186,10 +199,14 @@ class DinoVQLoss(nn.Module):
                     "disc_weight": zero, "logits_real": zero, "logits_fake": zero}
         logits_real = self.discriminator(inputs.detach().contiguous()).float()
         logits_fake = self.discriminator(reconstructions.detach().contiguous()).float()
-        return {"disc_loss": factor * self.d_loss(logits_real, logits_fake),
+        # The LeCAM anchors move only on training steps (the loss in train mode).
+        d_loss, lecam_loss = regularised_d_loss(self.d_loss(logits_real, logits_fake), self.lecam, logits_real,
+                                                logits_fake, factor, self.training)
+        extra = {} if lecam_loss is None else {"lecam_loss": lecam_loss.detach()}
+        return {"disc_loss": d_loss,
                 "disc_weight": _scalar(factor, inputs),
                 "logits_real": logits_real.detach().mean(),
-                "logits_fake": logits_fake.detach().mean()}
+                "logits_fake": logits_fake.detach().mean(), **extra}
 
 
 def loss_kwargs_from_config(cfg) -> Dict[str, object]:
@@ -274,6 +291,9 @@ class DinoVQLossCalculator(LossCalculator):
             disc = [args.get(k) if isinstance(args.get(k), int) else None
                     for k in ("disc_in_channels", "disc_num_layers", "disc_dim")]
             out += [f for f in patchgan_findings("model_args", *disc, size) if f.code == "disc_too_deep"]
+        if isinstance(args, dict):
+            gan_on = args.get("use_gan") is True and (data.get("train") or {}).get("use_gan", True) is not False
+            out += adversarial_findings("model_args", args, gan_on)
         return out
 
     # ---- attributes the trainer reads ---------------------------------------------------

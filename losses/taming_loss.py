@@ -41,6 +41,14 @@ What it does differently, on purpose:
 
 Like taming, LPIPS' linear layers keep their dropout, which is active in ``train()`` mode.
 
+Adversarial opt-ins (``lecam_weight``, ``lecam_ema_decay``, ``generator_loss`` in
+``lossconfig.params``; ``losses/gan.py``, ``losses/lecam.py``), off by default: with the
+defaults every value and the state-dict keys are taming's.  ``generator_loss:
+non_saturating`` replaces ``-mean(D(x_rec))`` by ``softplus(-D(x_rec))`` wherever taming's
+generator loss is computed; ``lecam_weight > 0`` adds LeCAM's regulariser to the
+discriminator loss (``disc_factor * (d_loss + lecam_weight * R_LC)``) and keeps its moving
+averages in the ``lecam.*`` buffers of this calculator, not in the discriminator.
+
     >>> from train.schema import make_config
     >>> cfg = make_config(lossconfig={"params": {"disc_start": 0, "perceptual_weight": 0.0}},
     ...                   model_args={"ddconfig": {"out_ch": 3}})
@@ -61,7 +69,8 @@ from taming.modules.losses.vqperceptual import VQLPIPSWithDiscriminator, adopt_w
 
 from adapters.registry import register_loss_implementation, spec_for_config
 from losses.calculator import GeneratorOutput, LossCalculator, constructor_parameters, param_findings
-from losses.gan import D_LOSSES, disc_factor_at, patchgan_findings, requires_grad_off
+from losses.gan import (ADVERSARIAL_DEFAULTS, D_LOSSES, adversarial_findings, build_lecam, disc_factor_at,
+                        get_g_loss, patchgan_findings, regularised_d_loss, requires_grad_off)
 from losses.perceptual import build_taming_lpips
 from train.errors import ERROR, Finding, UserError, raise_for_errors
 from train.schema import DataSection, as_dict, config_data
@@ -86,7 +95,7 @@ def _whole_number(value) -> int:
 _PARAM_TYPES = {"disc_start": _whole_number, "disc_num_layers": _whole_number,
                 "disc_in_channels": _whole_number, "disc_ndf": _whole_number,
                 "codebook_weight": float, "pixelloss_weight": float, "disc_factor": float, "disc_weight": float,
-                "perceptual_weight": float}
+                "perceptual_weight": float, "lecam_weight": float, "lecam_ema_decay": float}
 
 
 class _NoPerceptual(nn.Module):
@@ -126,13 +135,18 @@ class TamingLossCalculator(LossCalculator, VQLPIPSWithDiscriminator):
       disc_update_every -- discriminator step every N global steps (taming: 1)
       vgg_ckpt_path, allow_random_vgg -- where LPIPS' VGG16 trunk comes from (perceptual.py)
       gan_off_reason    -- why use_gan is false, for the warning (e.g. the NoDisc variant)
+      generator_loss    -- "hinge" (taming's -mean(logits), default) or "non_saturating"
+      lecam_weight, lecam_ema_decay -- LeCAM regularisation of the discriminator (0: off)
     """
 
     family = "taming"
 
     def __init__(self, disc_start: int, *, use_gan: bool = True, disc_update_every: int = 1,
                  vgg_ckpt_path: Optional[str] = None, allow_random_vgg: bool = False,
-                 gan_off_reason: Optional[str] = None, **loss_params):
+                 gan_off_reason: Optional[str] = None,
+                 generator_loss: str = ADVERSARIAL_DEFAULTS["generator_loss"],
+                 lecam_weight: float = ADVERSARIAL_DEFAULTS["lecam_weight"],
+                 lecam_ema_decay: float = ADVERSARIAL_DEFAULTS["lecam_ema_decay"], **loss_params):
         perceptual_weight = float(loss_params.get("perceptual_weight", TAMING_LOSS_DEFAULTS["perceptual_weight"]))
         if perceptual_weight > 0:
             def make_lpips():
@@ -154,6 +168,9 @@ class TamingLossCalculator(LossCalculator, VQLPIPSWithDiscriminator):
             self.register_load_state_dict_pre_hook(_drop_perceptual_keys)
 
         self.use_gan = bool(use_gan)
+        self.generator_loss = str(generator_loss)
+        self.g_loss_fn = get_g_loss(self.generator_loss)
+        self.lecam = build_lecam(lecam_weight, lecam_ema_decay)
         # generator_step keeps D(fake) for the discriminator step (one D forward fewer); off
         # when the discriminator is DDP-wrapped (DDP wants each forward followed by its backward).
         self.reuse_fake_logits = True
@@ -205,7 +222,12 @@ class TamingLossCalculator(LossCalculator, VQLPIPSWithDiscriminator):
         constructor cannot catch: a missing ``disc_start``, an unknown ``disc_loss``, and
         ``disc_conditional`` (VQGAN training never passes the conditioning input)."""
         params = (data.get("lossconfig") or {}).get("params") or {}
-        out = param_findings("taming", params, constructor_parameters(VQLPIPSWithDiscriminator), check_types)
+        accepted = constructor_parameters(VQLPIPSWithDiscriminator)
+        accepted.update({k: v for k, v in constructor_parameters(cls).items() if k in ADVERSARIAL_DEFAULTS})
+        out = param_findings("taming", params, accepted, check_types)
+        said = {f.path for f in out}
+        use_gan = (data.get("train") or {}).get("use_gan", True) is not False
+        out += [f for f in adversarial_findings("lossconfig.params", params, use_gan) if f.path not in said]
         if "disc_start" not in params:
             out.append(Finding(ERROR, "lossconfig.params.disc_start", "missing_loss_param",
                                "lossconfig.params.disc_start is missing (taming's VQLPIPSWithDiscriminator has no "
@@ -257,6 +279,9 @@ class TamingLossCalculator(LossCalculator, VQLPIPSWithDiscriminator):
                 last_layer=None, cond=None, split="train"):
         """taming's ``VQLPIPSWithDiscriminator.forward`` contract (see the module docstring)."""
         if optimizer_idx == 0:
+            if self.gan_term_active(global_step) and self.generator_loss != "hinge":
+                return self._generator_loss_two_pass(codebook_loss, inputs, reconstructions, global_step,
+                                                     last_layer, split)
             if self.gan_term_active(global_step):
                 return VQLPIPSWithDiscriminator.forward(self, codebook_loss, inputs, reconstructions, 0,
                                                         global_step, last_layer=last_layer, cond=cond,
@@ -296,6 +321,24 @@ class TamingLossCalculator(LossCalculator, VQLPIPSWithDiscriminator):
         return loss, self._generator_log(split, loss, codebook_loss, nll_loss, rec_loss, p_loss, zero,
                                          self.disc_factor_at(global_step), zero)
 
+    def _generator_loss_two_pass(self, codebook_loss, inputs, reconstructions, global_step, last_layer, split):
+        """taming's generator branch (``optimizer_idx == 0``) step by step, with this
+        calculator's ``generator_loss`` in place of its ``-mean(logits_fake)``."""
+        nll_loss, rec_loss, p_loss = self._nll(inputs, reconstructions)
+        logits_fake = self.discriminator(reconstructions.contiguous())
+        g_loss = self.g_loss_fn(logits_fake)
+        try:
+            d_weight = self.calculate_adaptive_weight(nll_loss, g_loss, last_layer=last_layer)
+        except RuntimeError:
+            # taming's own fallback: no graph (evaluation) gives weight 0.
+            if self.training:
+                raise
+            d_weight = torch.tensor(0.0)
+        disc_factor = adopt_weight(self.disc_factor, global_step, threshold=self.discriminator_iter_start)
+        loss = nll_loss + d_weight * disc_factor * g_loss + self.codebook_weight * codebook_loss.mean()
+        return loss, self._generator_log(split, loss, codebook_loss, nll_loss, rec_loss, p_loss, d_weight,
+                                         disc_factor, g_loss)
+
     def _generator_loss_one_pass(self, codebook_loss, inputs, reconstructions, global_step, last_layer,
                                  keep_fake_graph, split):
         """taming's GAN generator loss with the discriminator evaluated once, on a detached copy.
@@ -312,7 +355,7 @@ class TamingLossCalculator(LossCalculator, VQLPIPSWithDiscriminator):
         xd = reconstructions.contiguous().detach().requires_grad_(True)
         with contextlib.nullcontext() if keep_fake_graph else requires_grad_off(self.discriminator):
             logits_fake = self.discriminator(xd)
-        g_loss = -torch.mean(logits_fake)
+        g_loss = self.g_loss_fn(logits_fake)
         (g_grad_xd,) = torch.autograd.grad(g_loss, xd, retain_graph=keep_fake_graph)
         nll_grads = torch.autograd.grad(nll_loss, last_layer, retain_graph=True)[0]
         g_grads = torch.autograd.grad(reconstructions, last_layer, grad_outputs=g_grad_xd, retain_graph=True)[0]
@@ -336,10 +379,14 @@ class TamingLossCalculator(LossCalculator, VQLPIPSWithDiscriminator):
         if logits_fake is None:
             logits_fake = self.discriminator(fake)
         factor = adopt_weight(self.disc_factor, global_step, threshold=self.discriminator_iter_start)
-        d_loss = factor * self.disc_loss(logits_real, logits_fake)
+        # The LeCAM anchors move only on training steps (the calculator in train mode).
+        d_loss, lecam_loss = regularised_d_loss(self.disc_loss(logits_real, logits_fake), self.lecam, logits_real,
+                                                logits_fake, factor, self.training)
         log = {f"{split}/disc_loss": d_loss.clone().detach().mean(),
                f"{split}/logits_real": logits_real.detach().mean(),
                f"{split}/logits_fake": logits_fake.detach().mean()}
+        if lecam_loss is not None:
+            log[f"{split}/lecam_loss"] = lecam_loss.detach()
         return d_loss, log
 
     # ---- the trainer's API -----------------------------------------------------------------
@@ -375,7 +422,7 @@ class TamingLossCalculator(LossCalculator, VQLPIPSWithDiscriminator):
             # No autograd (validation): the adaptive weight cannot be computed; taming's forward
             # then uses d_weight 0 (in eval mode; in train mode it fails an assert).
             nll_loss, rec_loss, p_loss = self._nll(x, xrec)
-            g_loss = -torch.mean(self.discriminator(xrec.contiguous()))
+            g_loss = self.g_loss_fn(self.discriminator(xrec.contiguous()))
             d_weight = torch.zeros((), device=x.device)
             disc_factor = self.disc_factor_at(global_step)
             loss = nll_loss + d_weight * disc_factor * g_loss + self.codebook_weight * qloss.mean()

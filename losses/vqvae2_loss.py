@@ -7,6 +7,10 @@ the optional terms follow taming's ``VQLPIPSWithDiscriminator``, Esser et al. 20
     total = nll + latent_loss_weight * latent_loss
           + d_weight * disc_factor * g_loss          (g_loss = -mean D(xrec))
 
+Opt-ins (off by default, ``losses/gan.py``): ``generator_loss: non_saturating`` makes
+``g_loss = mean softplus(-D(xrec))``; ``lecam_weight > 0`` adds LeCAM's regulariser to the
+discriminator loss, its moving averages in this calculator's ``lecam.*`` buffers.
+
 ``d_weight`` is VQGAN's adaptive weight at the model's last decoder layer.  When the GAN
 term is zero (``use_gan: false`` or ``global_step < disc_start``) the discriminator is not
 run and the adaptive weight's gradients are not taken: the loss value is what it would be
@@ -66,6 +70,12 @@ class VQVAE2Loss:
     use_actnorm: bool = False
     # Discriminator loss: hinge | vanilla.
     disc_loss: str = "hinge"
+    # Generator GAN loss: hinge (taming's -mean D(xrec)) | non_saturating (softplus(-D(xrec))).
+    generator_loss: str = "hinge"
+    # LeCAM regularisation of the discriminator (Tseng et al. 2021): weight (0 = off) and the
+    # decay of its moving averages.
+    lecam_weight: float = 0.0
+    lecam_ema_decay: float = 0.99
 
 
 def vqvae2_param_rules(data: Dict[str, Any]) -> List[Finding]:
@@ -99,6 +109,10 @@ def vqvae2_param_rules(data: Dict[str, Any]) -> List[Finding]:
         out.append(Finding(ERROR, "lossconfig.params.disc_loss", "bad_value",
                            f"lossconfig.params.disc_loss {disc_loss!r} is unknown; valid choices: "
                            f"{', '.join(sorted(gan.D_LOSSES))}", f"use one of {', '.join(sorted(gan.D_LOSSES))}"))
+    said = {f.path for f in out}
+    out += [f for f in gan.adversarial_findings("lossconfig.params", raw,
+                                                (data.get("train") or {}).get("use_gan", True) is not False)
+            if f.path not in said]
     if (data.get("train") or {}).get("use_gan", True):
         size = (data.get("data") or {}).get("image_size", DataSection.image_size)
         disc = [raw.get(k) if is_number(raw.get(k)) else None for k in ("disc_in_channels", "disc_num_layers", "disc_ndf")]
@@ -159,14 +173,17 @@ class VQVAE2LossCalculator(LossCalculator):
                 in_channels=params.disc_in_channels, n_layers=params.disc_num_layers,
                 ndf=params.disc_ndf, use_actnorm=params.use_actnorm)
             self.d_loss_fn = gan.get_d_loss(params.disc_loss)
+            self.lecam = gan.build_lecam(params.lecam_weight, params.lecam_ema_decay)
         else:
             # use_gan false means disc_factor 0, said once, and no discriminator.
             self.disc_factor = 0.0
             self.discriminator = None
             self.d_loss_fn = None
+            self.lecam = None
             log.warning("use_gan is false: disc_factor is set to 0, no discriminator is built "
                         "or trained; the vqvae2 loss is reconstruction + latent"
                         + (" + perceptual" if params.perceptual_weight > 0 else ""))
+        self.g_loss_fn = gan.get_g_loss(params.generator_loss)
         if perceptual_loss is not None and params.perceptual_weight > 0:
             self.perceptual_loss = perceptual_loss.eval()
             for p in self.perceptual_loss.parameters():
@@ -231,7 +248,7 @@ class VQVAE2LossCalculator(LossCalculator):
         if disc_factor > 0:
             # Frozen discriminator: the generator loss must not leave gradients in it.
             with gan.requires_grad_off(self.discriminator):
-                g_loss = -self.discriminator(xrec.contiguous()).mean()
+                g_loss = self.g_loss_fn(self.discriminator(xrec.contiguous()))
             last_layer = _unwrap(model).get_last_layer()
             if torch.is_grad_enabled() and last_layer.requires_grad and g_loss.requires_grad:
                 d_weight = gan.adaptive_weight(nll, g_loss, last_layer, self.disc_weight)
@@ -259,13 +276,16 @@ class VQVAE2LossCalculator(LossCalculator):
         # Both inputs are detached: no gradient reaches the generator.
         logits_real = self.discriminator(out.inputs.detach().contiguous())
         logits_fake = self.discriminator(out.reconstructions.detach().contiguous())
-        d_loss = disc_factor * self.d_loss_fn(logits_real, logits_fake)
+        d_loss, lecam_loss = gan.regularised_d_loss(self.d_loss_fn(logits_real, logits_fake), self.lecam,
+                                                    logits_real, logits_fake, disc_factor, self.training)
         log = {
             f"{split}/disc_loss": d_loss.detach().clone(),
             f"{split}/logits_real": logits_real.detach().mean(),
             f"{split}/logits_fake": logits_fake.detach().mean(),
             f"{split}/disc_factor": torch.tensor(float(disc_factor)),
         }
+        if lecam_loss is not None:
+            log[f"{split}/lecam_loss"] = lecam_loss.detach()
         return d_loss, log
 
 

@@ -12,8 +12,8 @@ A run folder holds::
 loader, :func:`train.safe_load.load_weights_file`, reads it)::
 
     {"format": "vqtok-train-state", "version": 1, "global_step", "epoch",
-     "model": model state dict, "loss": {"discriminator.*": ...} (the LossCalculator's
-     trainable state, keys as in calc.state_dict()), "optimizers": {"generator",
+     "model": model state dict, "loss": {"discriminator.*": ..., and the calculator's
+     running state such as LeCAM's "lecam.*" averages} (keys as in calc.state_dict()), "optimizers": {"generator",
      "discriminator"?}, "scalers": {...}, "rng": {python, numpy, torch, cuda},
      "data": {"next_step", "images_per_step", "seed"}, "counters": {...},
      "world_size", "config": resolved YAML text,
@@ -122,8 +122,10 @@ def training_state(run) -> Dict[str, Any]:
         "global_step": run.step,
         "epoch": (run.step * run.images_per_step) // run.data.n_images if run.data.n_images else None,
         "model": run.model.state_dict(),
-        "loss": ({f"discriminator.{k}": v for k, v in run.disc.module.state_dict().items()}
-                 if run.disc is not None else {}),
+        "loss": {**({f"discriminator.{k}": v for k, v in run.disc.module.state_dict().items()}
+                    if run.disc is not None else {}),
+                 # buffers an opt-in loss updates as it trains (LeCAM's averages); {} by default
+                 **run.calc.running_state()},
         # use_gan false: there is no discriminator side, so no discriminator optimizer is saved.
         "optimizers": {s.name: s.optimizer.state_dict() for s in sides},
         "scalers": {s.name: s.scaler.state_dict() for s in sides if s.scaler is not None},
@@ -218,6 +220,12 @@ def restore(run, source) -> None:
     elif disc_state and run.calc.discriminator is not None:
         # use_gan false now: the loss still holds its (untrained) discriminator; give it the weights.
         load_model_weights(run.calc.discriminator, disc_state, source=f"{source.state_path} (discriminator)")
+    running = {k: v for k, v in (state.get("loss") or {}).items() if not k.startswith("discriminator.")}
+    if run.calc.load_running_state(running):
+        run.notes.append("the checkpoint has no LeCAM averages (lecam.*): they start fresh")
+    unused = sorted(set(running) - set(run.calc.running_state()))
+    if unused:
+        run.notes.append(f"the checkpoint's loss state {', '.join(unused)} is not used (lecam_weight is 0 now)")
 
     opts = state.get("optimizers") or {}
     for side in (run.gen, run.disc):
