@@ -136,6 +136,8 @@ def test_encode_then_decode_is_the_models_own_reconstruction(name, variant, imag
         diff = np.abs(decoded.astype(int) - forward.astype(int))
         assert diff.max() <= 1 and (diff > 0).mean() < 1e-3
 
+    if name != "vqvae2":
+        return
     # --images picks by file name or path; the rest are not written.
     code, _, err = run(["decode", source, str(codes_dir), "--out", str(tmp_path / "some"),
                         "--images", f"im3.png,{paths[0]}"], capsys)
