@@ -8,7 +8,9 @@ never ask which model they hold:
   ``codes`` a tuple of LongTensors, one (B, h, w) map per codebook, in ``codebook_names``
   order.  Losses call it through the (possibly DDP-wrapped) model so DDP sees the forward.
 * ``codebook_names`` / ``codebook_sizes``: one entry per codebook (usage statistics).
-* ``decode_code(*codes)``: code maps back to images.
+* ``encode_code(x)``: the code maps alone (a tuple as ``forward``'s ``codes``), without
+  the decoder and deterministic in eval mode (``python -m train encode``);
+  ``decode_code(*codes)``: code maps back to images.
 * ``get_last_layer()``: the decoder's last weight (the adaptive GAN weight).
 * ``generator_parameters()``: what the generator optimizer owns (EMA codebooks are buffers
   updated by EMA, never by the optimizer).
@@ -40,6 +42,11 @@ class Tokenizer(nn.Module):
 
     def get_last_layer(self) -> torch.Tensor:  # pragma: no cover - every model overrides it
         raise NotImplementedError
+
+    def encode_code(self, x: torch.Tensor) -> Tuple[torch.Tensor, ...]:
+        """Code maps of ``x``, one (B, h, w) LongTensor per codebook.  This default runs the
+        whole forward; models override it to skip the decoder."""
+        return tuple(self(x, return_codes=True)[2])
 
     def generator_parameters(self) -> Iterable[nn.Parameter]:
         return self.parameters()

@@ -267,6 +267,12 @@ class DinoVQNet(Tokenizer):
         """Code indices (B, H/p, W/p) -> code vectors (B, N, codebook_dim)."""
         return self.quantize.embedding[indices.reshape(indices.shape[0], -1)]
 
+    def encode_code(self, x: torch.Tensor) -> Tuple[torch.Tensor]:
+        """``(indices,)`` (B, H/p, W/p) without the decoder or the DINO head; ``forward``'s
+        codes, and the codebook never moves here."""
+        _, _, indices = self.quantize(self.encode(x), update=False)
+        return (indices.view(x.shape[0], *self.grid_size),)
+
     def decode_code(self, indices: torch.Tensor) -> torch.Tensor:
         return self.decode(self.get_codebook_entry(indices))
 

@@ -342,6 +342,29 @@ class TamingVQGAN(Tokenizer):
             dec = torch.tanh(dec)
         return dec
 
+    def encode_code(self, x: torch.Tensor) -> Tuple[torch.Tensor]:
+        """``(indices,)``, a (B, h, w) LongTensor, without running the decoder (the contract).
+
+        VQ / EMAVQ / NoDisc: the quantizer's nearest codes, exactly ``forward``'s.  Gumbel:
+        taming's ``GumbelQuantize`` draws Gumbel noise even in eval mode (``hard=True``, then
+        the argmax of the noisy one-hot), so ``forward``'s codes are a sample; here the code
+        is the argmax of the logits (the most likely code, the noise-free limit), so
+        encoding is deterministic.  With ``remap`` the indices are the remapped ones, as
+        ``forward`` returns them.  Call it in eval mode (EMAVQ's codebook moves in training).
+        """
+        z = self.encode_to_prequant(x)
+        b, _, h, w = z.shape
+        if self.variant != "Gumbel":
+            return (self.quantize(z)[2][2].reshape(b, h, w),)
+        q = self.quantize
+        logits = q.proj(z)
+        if q.remap is None:
+            return (logits.argmax(1),)
+        # Upstream's remapped path: the argmax over the used codes, its full index, back to
+        # the remapped numbering (remap_to_used).
+        full = q.used.to(z.device)[logits[:, q.used, ...].argmax(1)]
+        return (q.remap_to_used(full).reshape(b, h, w),)
+
     def decode_code(self, code_b: torch.Tensor) -> torch.Tensor:
         """Decode a (B, h, w) tensor of code indices (upstream's ``embed_code`` never existed)."""
         if code_b.dim() != 3:

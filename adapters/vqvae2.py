@@ -261,6 +261,13 @@ class VQVAE2(Tokenizer):
     def decode(self, quant_t: torch.Tensor, quant_b: torch.Tensor) -> torch.Tensor:
         return self.dec(torch.cat([self.upsample_t(quant_t), quant_b], 1))
 
+    def encode_code(self, x: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
+        """``(id_t, id_b)`` without the final decoder (the bottom level still needs the
+        top level's ``dec_t``); exactly ``forward``'s codes.  Call it in eval mode (the EMA
+        codebooks move in training)."""
+        _, _, _, id_t, id_b = self.encode(x)
+        return id_t, id_b
+
     def decode_code(self, code_t: torch.Tensor, code_b: torch.Tensor) -> torch.Tensor:
         """Code maps (B, h, w) of both levels -> images."""
         quant_t = self.quantize_t.embed_code(code_t).permute(0, 3, 1, 2)

@@ -13,6 +13,9 @@ this once per session (fixture ``torchrun_jobs``) and the tests read what each j
 * ``codebook_init``: the same with ``train.init_codebook_from_data`` on a 64-code EMAVQ;
 * ``ema``: the EMA quantizer alone and inside a DDP model, on different data per rank;
 * ``vqvae2_codebooks``: vqvae2's two EMA codebooks on different data per rank;
+* ``encode``: ``python -m train encode``'s code path on a tiny vqvae2, 5 shards over 2
+  ranks; ``rank{r}.json`` holds each rank's report (tests/test_encode_decode.py compares the
+  files with one process's);
 * ``refused``: rank 0 refused (run folder locked, disk full at a save); ``rank{r}.json``
   holds each rank's outcome.
 """
@@ -136,6 +139,26 @@ def vqvae2_codebooks_job(out_dir: str) -> None:
     dist.barrier()
 
 
+ENCODE_ARGS = dict(shard_size=1, batch_size=2)
+
+
+def encode_job(out_dir: str) -> None:
+    from tests.test_encode_decode import tiny_cfg, weights_folder, write_images
+    from train.encode import encode
+
+    folder = os.path.join(out_dir, "encode")
+    rank = dist.get_rank()
+    if rank == 0:
+        weights_folder(os.path.join(folder, "model"), tiny_cfg("vqvae2"))
+        write_images(os.path.join(folder, "images"))
+    dist.barrier()
+    report = encode(os.path.join(folder, "model"), os.path.join(folder, "images"), os.path.join(folder, "codes"),
+                    quiet=True, **ENCODE_ARGS)
+    with open(os.path.join(folder, f"rank{rank}.json"), "w") as fh:
+        json.dump({k: report[k] for k in ("ranks", "encoded_shards", "kept_shards", "encoded_images")}, fh)
+    dist.barrier()
+
+
 def refused_job(out_dir: str) -> None:
     """Rank 0 refused (its folder locked by another writer; later its disk full at the first
     save): every rank must stop with rank 0's message instead of waiting for it."""
@@ -178,7 +201,7 @@ def main(out_dir: str) -> None:
     torch.set_num_threads(1)
     dist.init_process_group("gloo")
     done = {}
-    for job in (ema_job, vqvae2_codebooks_job, fit_every_model_type, codebook_init_job, refused_job):
+    for job in (ema_job, vqvae2_codebooks_job, fit_every_model_type, codebook_init_job, encode_job, refused_job):
         job(out_dir)
         done[job.__name__] = True
     if dist.get_rank() == 0:

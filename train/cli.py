@@ -30,6 +30,8 @@ COMMANDS = {
     "fit": ("train.fit", "train a model from a config"),
     "migrate": ("train.migrate", "convert a legacy config and checkpoint into this tool"),
     "eval": ("train.evaluate", "reconstruction metrics of a checkpoint on a data set"),
+    "encode": ("train.encode", "images -> code indices of a tokenizer (sharded .npy files + index)"),
+    "decode": ("train.decode", "code indices -> PNG images"),
     "extract-features": ("train.features", "cache DINO teacher features for DinoVQ"),
     "write-shards": ("train.shards", "write images into WebDataset tar shards for fit --data PATTERN"),
     "demo": ("train.demo", "train a small EMAVQ on built-in photos for a few minutes (make demo)"),
