@@ -16,12 +16,14 @@ this once per session (fixture ``torchrun_jobs``) and the tests read what each j
 * ``refused``: rank 0 refused (run folder locked, disk full at a save); ``rank{r}.json``
   holds each rank's outcome;
 * ``node_local``: start-up checks that fail on one node only (``--data`` missing on rank 1's,
-  a finished run in rank 0's ``--out``); ``rank{r}.json`` holds each rank's message.
+  or holding other images there; a finished run in rank 0's ``--out``); ``rank{r}.json``
+  holds each rank's message.
 """
 import contextlib
 import hashlib
 import json
 import os
+import pathlib
 import sys
 
 import torch
@@ -182,20 +184,21 @@ def node_local_job(out_dir: str) -> None:
     from train.errors import UserError
 
     folder = os.path.join(out_dir, "node_local")
-    os.makedirs(os.path.join(folder, "images0"), exist_ok=True)
+    os.makedirs(folder, exist_ok=True)
     rank = dist.get_rank()
     config = tiny_config(folder, use_gan=False) if rank == 0 else os.path.join(folder, "tiny.json")
     if rank == 0:
         from tests.test_data import write_images
 
-        import pathlib
-
         write_images(pathlib.Path(folder, "images0"), 2)
+        write_images(pathlib.Path(folder, "images1"), 3)
         os.makedirs(os.path.join(folder, "has_run", "checkpoints"))
         with open(os.path.join(folder, "has_run", "checkpoints", "last.ckpt"), "wb") as fh:
             fh.write(b"a finished run")
     dist.barrier()
-    cases = {"data": ["--data", os.path.join(folder, f"images{rank}"), "--out", os.path.join(folder, "run")],
+    cases = {"data": ["--data", os.path.join(folder, "images0" if rank == 0 else "missing"),
+                      "--out", os.path.join(folder, "run")],
+             "other_data": ["--data", os.path.join(folder, f"images{rank}"), "--out", os.path.join(folder, "run")],
              "out": ["--out", os.path.join(folder, "has_run" if rank == 0 else "empty")]}
     outcome = {}
     for case, argv in cases.items():

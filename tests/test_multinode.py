@@ -163,6 +163,11 @@ def test_a_start_up_check_failing_on_one_node_stops_every_rank(torchrun_jobs):
     data0, data1 = (o["data"] for o in outcomes)
     assert data1.startswith("--data ") and "no such file or folder" in data1
     assert data0.startswith("rank 1 (on ") and data0.endswith(data1)
+    # Other images on rank 1's node (3 files where rank 0 has 2): the same message on both.
+    assert outcomes[0]["other_data"] == outcomes[1]["other_data"]
+    assert "the ranks read different images" in outcomes[0]["other_data"]
+    assert ": 2 files; rank 1 on " in outcomes[0]["other_data"] and ": 3)" in outcomes[0]["other_data"]
+    assert not (folder / "run").exists()
     # A run folder that already holds a run on rank 0's node: rank 0 decides for everyone.
     assert outcomes[0]["out"] == outcomes[1]["out"] and "already holds a run" in outcomes[0]["out"]
     assert not (folder / "empty").exists()      # rank 1's own --out was never used

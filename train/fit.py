@@ -157,6 +157,33 @@ def _prepare(args, config_path: Optional[str], overrides: List[str]):
     return cfg, data, resume, run_dir
 
 
+def _check_same_data(data) -> None:
+    """Every rank must read the same image list: ranks split it by position, and
+    ``train.max_epochs`` becomes a step count through its length.  Copies that differ
+    between nodes (a file missing, or unreadable, on one of them) would silently overlap
+    the ranks' shares, or end one rank's training early while the others wait for it.
+    A collective: every rank must call it."""
+    import hashlib
+    import socket
+
+    import torch.distributed as dist
+
+    from adapters.distributed import is_distributed
+
+    if not is_distributed():
+        return
+    digest = hashlib.sha256("\n".join(data.paths).encode("utf-8", "surrogateescape")).hexdigest()
+    everyone = [None] * dist.get_world_size()
+    dist.all_gather_object(everyone, (len(data.paths), digest, socket.gethostname()))
+    count0, digest0, host0 = everyone[0]
+    odd = [(r, n, h) for r, (n, d, h) in enumerate(everyone) if (n, d) != (count0, digest0)]
+    if odd:
+        seen = "; ".join(f"rank {r} on {h}: {n}" for r, n, h in odd[:3])
+        raise UserError(f"the ranks read different images (rank 0 on {host0}: {count0} files; {seen}"
+                        f"{'; ...' if len(odd) > 3 else ''}); --data must name the same files on every node: "
+                        "a shared file system, or identical copies at the same path")
+
+
 def _check_run_dir(run_dir: str, resume) -> None:
     from train.checkpoint import LAST
 
@@ -189,6 +216,7 @@ def run(argv: List[str]):
         from adapters.distributed import rank
 
         cfg, data, resume, proposed = agreed(lambda: _prepare(args, config_path, overrides))
+        _check_same_data(data)
         run_dir = _shared_value(proposed)
         # Only rank 0 writes the run folder, so only its file system has a say.
         agreed(lambda: _check_run_dir(run_dir, resume), main_only=True)
