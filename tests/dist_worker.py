@@ -17,12 +17,16 @@ this once per session (fixture ``torchrun_jobs``) and the tests read what each j
   ranks; ``rank{r}.json`` holds each rank's report (tests/test_encode_decode.py compares the
   files with one process's);
 * ``refused``: rank 0 refused (run folder locked, disk full at a save); ``rank{r}.json``
-  holds each rank's outcome.
+  holds each rank's outcome;
+* ``node_local``: start-up checks that fail on one node only (``--data`` missing on rank 1's,
+  or holding other images there; a finished run in rank 0's ``--out``); ``rank{r}.json``
+  holds each rank's message.
 """
 import contextlib
 import hashlib
 import json
 import os
+import pathlib
 import sys
 
 import torch
@@ -197,11 +201,45 @@ def refused_job(out_dir: str) -> None:
     dist.barrier()
 
 
+def node_local_job(out_dir: str) -> None:
+    """What each node sees differs (its own disk): the ranks must still stop together."""
+    from tests.test_fit import tiny_config
+    from train.errors import UserError
+
+    folder = os.path.join(out_dir, "node_local")
+    os.makedirs(folder, exist_ok=True)
+    rank = dist.get_rank()
+    config = tiny_config(folder, use_gan=False) if rank == 0 else os.path.join(folder, "tiny.json")
+    if rank == 0:
+        from tests.test_data import write_images
+
+        write_images(pathlib.Path(folder, "images0"), 2)
+        write_images(pathlib.Path(folder, "images1"), 3)
+        os.makedirs(os.path.join(folder, "has_run", "checkpoints"))
+        with open(os.path.join(folder, "has_run", "checkpoints", "last.ckpt"), "wb") as fh:
+            fh.write(b"a finished run")
+    dist.barrier()
+    cases = {"data": ["--data", os.path.join(folder, "images0" if rank == 0 else "missing"),
+                      "--out", os.path.join(folder, "run")],
+             "other_data": ["--data", os.path.join(folder, f"images{rank}"), "--out", os.path.join(folder, "run")],
+             "out": ["--out", os.path.join(folder, "has_run" if rank == 0 else "empty")]}
+    outcome = {}
+    for case, argv in cases.items():
+        try:
+            outcome[case] = run([config, "--max-steps", "1", "--no-bar", *argv])[0]
+        except UserError as exc:
+            outcome[case] = str(exc)
+    with open(os.path.join(folder, f"rank{rank}.json"), "w") as fh:
+        json.dump(outcome, fh)
+    dist.barrier()
+
+
 def main(out_dir: str) -> None:
     torch.set_num_threads(1)
     dist.init_process_group("gloo")
     done = {}
-    for job in (ema_job, vqvae2_codebooks_job, fit_every_model_type, codebook_init_job, encode_job, refused_job):
+    for job in (ema_job, vqvae2_codebooks_job, fit_every_model_type, codebook_init_job, encode_job, refused_job,
+                node_local_job):
         job(out_dir)
         done[job.__name__] = True
     if dist.get_rank() == 0:

@@ -3,13 +3,17 @@
     python -m train fit CONFIG [--data PATH|builtin] [--out RUN_DIR] [--max-steps N]
                                [--resume RUN_DIR|CKPT] [key=value ...]
     torchrun --nproc_per_node=2 -m train fit CONFIG --data /images      # DDP, one process per GPU
+    torchrun --nnodes 2 --nproc-per-node 8 --rdzv-backend c10d --rdzv-endpoint HOST:29500 \
+             --rdzv-id JOB -m train fit CONFIG ...                      # on each node (README)
+    srun --ntasks-per-node 8 python -m train fit CONFIG ...             # SLURM (train/launch.py)
 
 * ``CONFIG``: a legacy JSON, taming YAML or native config (``train/config.py``);
   ``key=value`` overrides use the normalized names (``train.batch_size=4``).
 * ``--data``: an image folder, a file list (one path per line), ``builtin`` or WebDataset
   shards (``'shards/train-{0000..0127}.tar'``, ``train/shards.py``); default:
   ``data.path`` of the config, then a taming ``CustomTrain`` data section.
-* ``--out``: the run folder itself; default ``logs/<timestamp>_<name>/`` as taming's.
+* ``--out``: the run folder itself; default ``logs/<timestamp>_<name>/`` as taming's
+  (rank 0's name on every rank).  Only global rank 0 writes it.
 * ``--resume``: a run folder, a ``.ckpt`` written by this command, or a folder written by
   ``python -m train migrate``.  CONFIG may then be left out (the checkpoint's resolved
   config is used).  A run folder is continued in place unless ``--out`` says otherwise.
@@ -115,23 +119,9 @@ def default_run_dir(name: str) -> str:
     return os.path.join("logs", f"{now}_{safe}")
 
 
-def init_distributed() -> bool:
-    """Join the torchrun process group when launched by torchrun (WORLD_SIZE > 1)."""
-    import torch
-    import torch.distributed as dist
-
-    if int(os.environ.get("WORLD_SIZE", "1")) <= 1 or dist.is_initialized():
-        return False
-    if torch.cuda.is_available():
-        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
-        dist.init_process_group("nccl")
-    else:
-        dist.init_process_group("gloo")
-    return True
-
-
 def _shared_value(value):
-    """Rank 0's ``value`` on every rank (e.g. the run folder's timestamped name)."""
+    """Rank 0's ``value`` on every rank (e.g. the run folder's timestamped name: the nodes'
+    clocks, and their working folders, differ)."""
     import torch.distributed as dist
 
     from adapters.distributed import is_distributed
@@ -141,6 +131,72 @@ def _shared_value(value):
     box = [value]
     dist.broadcast_object_list(box, src=0)
     return box[0]
+
+
+def _prepare(args, config_path: Optional[str], overrides: List[str]):
+    """This rank's config, data, resume source and proposed run folder (rank 0's wins).
+
+    Each rank reads its own node's files: the config, the data (every rank reads images)
+    and the checkpoint to resume (every rank restores it)."""
+    from adapters.distributed import rank
+    from train.data import data_argument, is_shard_pattern, resolve_data
+    from train.shards import resolve_shards
+
+    # Command-line mistakes first, in milliseconds, before minutes of start-up.
+    data_path = data_argument(args.data) if args.data is not None else None
+    if args.out is not None and rank() == 0:    # the writer's file system decides
+        check_out_path(args.out, "folder", "fit")
+    resume = resume_source(args.resume) if args.resume else None
+    cfg = resolve_config(config_path, overrides, resume)
+    if data_path is not None:
+        # Recorded in the run's config.yaml, so a resume needs no --data.
+        cfg.data.path = data_path
+    elif resume is not None and config_path is not None and cfg.data.path is None:
+        # A config given next to --resume: the data the run recorded.  (Without one, cfg is
+        # the run's own config and already carries it: no second read of the checkpoint.)
+        cfg.data.path = stored_data_path(resume)
+    data = resolve_shards(cfg) if is_shard_pattern(cfg.data.path) else resolve_data(cfg)
+    run_dir = args.out or (resume.run_dir if resume is not None else None) or default_run_dir(cfg.name)
+    return cfg, data, resume, run_dir
+
+
+def _check_same_data(data) -> None:
+    """Every rank must read the same image list: ranks split it by position, and
+    ``train.max_epochs`` becomes a step count through its length.  Copies that differ
+    between nodes (a file missing, or unreadable, on one of them) would silently overlap
+    the ranks' shares, or end one rank's training early while the others wait for it.
+    A collective: every rank must call it."""
+    import hashlib
+    import socket
+
+    import torch.distributed as dist
+
+    from adapters.distributed import is_distributed
+
+    if not is_distributed():
+        return
+    # Shards: the shard list and the indexed sample counts (their paths list is empty).
+    names = list(getattr(data, "shards", None) or data.paths)
+    names += [str(n) for n in (getattr(data, "counts", None) or ())]
+    digest = hashlib.sha256("\n".join(names).encode("utf-8", "surrogateescape")).hexdigest()
+    everyone = [None] * dist.get_world_size()
+    dist.all_gather_object(everyone, (len(names), digest, socket.gethostname()))
+    count0, digest0, host0 = everyone[0]
+    odd = [(r, n, h) for r, (n, d, h) in enumerate(everyone) if (n, d) != (count0, digest0)]
+    if odd:
+        seen = "; ".join(f"rank {r} on {h}: {n}" for r, n, h in odd[:3])
+        raise UserError(f"the ranks read different images (rank 0 on {host0}: {count0} files; {seen}"
+                        f"{'; ...' if len(odd) > 3 else ''}); --data must name the same files on every node: "
+                        "a shared file system, or identical copies at the same path")
+
+
+def _check_run_dir(run_dir: str, resume) -> None:
+    from train.checkpoint import LAST
+
+    check_out_path(run_dir, "folder", "fit")
+    if resume is None and os.path.isfile(os.path.join(run_dir, "checkpoints", LAST)):
+        raise UserError(f"--out {run_dir} already holds a run (checkpoints/{LAST}); continue it with "
+                        f"--resume {run_dir}, or choose another --out")
 
 
 def cli_main(argv: List[str]) -> int:
@@ -156,36 +212,20 @@ def run(argv: List[str]):
         overrides = [o for o in overrides if not o.startswith("train.max_steps=")]
         overrides.append(f"train.max_steps={args.max_steps}")
 
-    from train.checkpoint import LAST
-    from train.data import data_argument, is_shard_pattern, resolve_data
-    from train.shards import resolve_shards
+    from train.launch import init_distributed
+    from train.rank_sync import agreed
 
-    # Command-line mistakes first, in milliseconds, before minutes of start-up.
-    data_path = data_argument(args.data) if args.data is not None else None
-    if args.out is not None:
-        check_out_path(args.out, "folder", "fit")
-    resume = resume_source(args.resume) if args.resume else None
-    cfg = resolve_config(config_path, overrides, resume)
-    if data_path is not None:
-        # Recorded in the run's config.yaml, so a resume needs no --data.
-        cfg.data.path = data_path
-    elif resume is not None and config_path is not None and cfg.data.path is None:
-        # A config given next to --resume: the data the run recorded.  (Without one, cfg is
-        # the run's own config and already carries it: no second read of the checkpoint.)
-        cfg.data.path = stored_data_path(resume)
-
-    data = resolve_shards(cfg) if is_shard_pattern(cfg.data.path) else resolve_data(cfg)
-
+    # Join the other processes first: each rank checks its own node's files below, and a
+    # rank that fails alone must stop the others rather than leave them waiting for it.
     started_dist = init_distributed()
     try:
         from adapters.distributed import rank
 
-        run_dir = args.out or (resume.run_dir if resume is not None else None) or default_run_dir(cfg.name)
-        run_dir = _shared_value(run_dir)
-        check_out_path(run_dir, "folder", "fit")
-        if resume is None and os.path.isfile(os.path.join(run_dir, "checkpoints", LAST)):
-            raise UserError(f"--out {run_dir} already holds a run (checkpoints/{LAST}); continue it with "
-                            f"--resume {run_dir}, or choose another --out")
+        cfg, data, resume, proposed = agreed(lambda: _prepare(args, config_path, overrides))
+        _check_same_data(data)
+        run_dir = _shared_value(proposed)
+        # Only rank 0 writes the run folder, so only its file system has a say.
+        agreed(lambda: _check_run_dir(run_dir, resume), main_only=True)
 
         from train.trainer import Trainer, TrainingStopped
 

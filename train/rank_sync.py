@@ -13,14 +13,18 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-from typing import Dict, List, Optional
+import socket
+from typing import Callable, Dict, List, Optional, TypeVar
 
 import torch
 import torch.distributed as dist
 from torch import nn
 
 from adapters.distributed import is_distributed
+from train.errors import UserError
 from train.logger import RunLogger
+
+T = TypeVar("T")
 
 
 def any_rank(flag: bool, device: torch.device) -> bool:
@@ -30,6 +34,37 @@ def any_rank(flag: bool, device: torch.device) -> bool:
     t = torch.tensor([1.0 if flag else 0.0], device=device)
     dist.all_reduce(t, op=dist.ReduceOp.MAX)
     return bool(t.item() > 0)
+
+
+def agreed(work: Callable[[], T], main_only: bool = False) -> T:
+    """Run ``work`` (on every rank, or on rank 0 alone) and stop every rank if it failed on any.
+
+    Start-up checks read each node's own files (the config, ``--data``, the checkpoint to
+    resume); a rank that failed alone used to leave the others waiting for it in the first
+    collective (or dying there with a network traceback).  Here every rank learns who
+    failed and why, and raises: the failing rank its own exception, the others a
+    :class:`UserError` naming that rank and its host (``main_only``: rank 0 decided for
+    everyone, so its message is repeated as it is).  A collective: every rank must call it.
+    """
+    error, result = None, None
+    if not main_only or not is_distributed() or dist.get_rank() == 0:
+        try:
+            result = work()
+        except Exception as exc:     # noqa: BLE001 - re-raised below, after telling the others
+            error = exc
+    if is_distributed():
+        mine = None if error is None else (str(error), getattr(error, "exit_code", 2), socket.gethostname())
+        everyone = [None] * dist.get_world_size()
+        dist.all_gather_object(everyone, mine)
+        failed = [(r, f) for r, f in enumerate(everyone) if f is not None]
+        if failed and error is None:
+            r, (message, code, host) = failed[0]
+            exc = UserError(message if main_only else f"rank {r} (on {host}) stopped: {message}")
+            exc.exit_code = code
+            raise exc
+    if error is not None:
+        raise error
+    return result
 
 
 def average_across_ranks_(tensors: List[torch.Tensor]) -> None:
@@ -52,11 +87,17 @@ def state_digest(tensors: Dict[str, torch.Tensor]) -> Dict[str, str]:
             for k, v in tensors.items()}
 
 
+def combined_digest(digests: Dict[str, str]) -> str:
+    """One sha256 over every tensor's name and digest (from :func:`state_digest`)."""
+    return hashlib.sha256(json.dumps(sorted(digests.items())).encode("utf-8")).hexdigest()
+
+
 def check_ranks_in_sync(model: nn.Module, discriminator: Optional[nn.Module], step: int,
                         run_dir: Optional[str], log: RunLogger) -> None:
     """Under torchrun: compare every weight and buffer (EMA codebooks included) across ranks.
 
-    Rank 0 writes the verdict to ``ranks_in_sync.json`` and warns when they differ.
+    Rank 0 writes the verdict to ``ranks_in_sync.json`` (with each rank's host, local rank
+    and :func:`combined_digest`) and warns when they differ.
     """
     if not is_distributed():
         return
@@ -66,11 +107,15 @@ def check_ranks_in_sync(model: nn.Module, discriminator: Optional[nn.Module], st
     mine = state_digest(tensors)
     world = dist.get_world_size()
     everyone = [None] * world
-    dist.all_gather_object(everyone, mine)
-    differing = sorted(k for k in mine if len({d.get(k) for d in everyone}) > 1)
+    # Who each rank is (global rank, its node and place there) and one digest of its whole
+    # state, so each node's own final state can be compared with the saved checkpoint.
+    me = {"rank": dist.get_rank(), "local_rank": int(os.environ.get("LOCAL_RANK", "0") or 0),
+          "host": socket.gethostname(), "pid": os.getpid(), "state_sha256": combined_digest(mine)}
+    dist.all_gather_object(everyone, (mine, me))
+    differing = sorted(k for k in mine if len({d.get(k) for d, _ in everyone}) > 1)
     if dist.get_rank() == 0:
         verdict = {"world_size": world, "step": step, "in_sync": not differing,
-                   "tensors": len(mine), "differing": differing}
+                   "tensors": len(mine), "differing": differing, "ranks": [who for _, who in everyone]}
         if run_dir:
             with open(os.path.join(run_dir, "ranks_in_sync.json"), "w", encoding="utf-8") as fh:
                 json.dump(verdict, fh, indent=1)
@@ -80,4 +125,4 @@ def check_ranks_in_sync(model: nn.Module, discriminator: Optional[nn.Module], st
             log.message(f"all {world} ranks hold identical weights and codebooks ({len(mine)} tensors)")
 
 
-__all__ = ["any_rank", "average_across_ranks_", "state_digest", "check_ranks_in_sync"]
+__all__ = ["agreed", "any_rank", "average_across_ranks_", "state_digest", "combined_digest", "check_ranks_in_sync"]

@@ -115,24 +115,9 @@ def open_run_folder(run_dir: str, is_main: bool = True) -> RunFolderLock:
 
     A collective under torchrun (every rank calls it; rank 0 locks, the others share its
     verdict).  UserError when another process holds the folder or it cannot be used."""
-    from adapters.distributed import is_distributed
+    from train.rank_sync import agreed
 
-    lock, error = None, None
-    if is_main:
-        try:
-            lock = _lock(run_dir)
-        except UserError as exc:
-            error = str(exc)
-    if is_distributed():
-        import torch.distributed as dist
-
-        box = [error]
-        dist.broadcast_object_list(box, src=0)
-        error = box[0]
-    if error is not None:
-        if lock is not None:
-            lock.release()
-        raise UserError(error)
+    lock = agreed(lambda: _lock(run_dir) if is_main else None, main_only=True)
     return lock if lock is not None else RunFolderLock(run_dir, None, [])
 
 

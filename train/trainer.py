@@ -356,7 +356,9 @@ class Trainer:
 
 def default_device() -> torch.device:
     if torch.cuda.is_available():
-        local = int(os.environ.get("LOCAL_RANK", 0))
+        from train.launch import cuda_index
+
+        local = cuda_index(os.environ, torch.cuda.device_count())    # LOCAL_RANK: this node's GPU
         torch.cuda.set_device(local)
         return torch.device("cuda", local)
     return torch.device("cpu")
