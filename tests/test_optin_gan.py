@@ -14,7 +14,7 @@ from losses.gan import non_saturating_g_loss
 from losses.lecam import LeCAM
 from losses.taming_loss import TamingLossCalculator
 from losses.vqvae2_loss import VQVAE2Loss, VQVAE2LossCalculator
-from test_fit import tiny_config   # tests/ is on sys.path under pytest
+from tests.test_fit import tiny_config
 from train.cli import main as cli
 from train.fit import run
 from train.schema import make_config

@@ -14,7 +14,7 @@ from taming.modules.vqvae.quantize import VectorQuantizer2
 from adapters import build_model
 from adapters.vq_lookup import LookupQuantizer
 
-from test_fit import tiny_config   # tests/ is on sys.path under pytest
+from tests.test_fit import tiny_config
 from train.cli import main as cli
 from train.fit import run
 from train.schema import make_config
