@@ -427,12 +427,42 @@ def load_rgb(path: str, max_pixels: int = DEFAULT_MAX_PIXELS, draft_short: int =
         problem = too_many_pixels(im.size[0], im.size[1], max_pixels)
         if problem:
             raise ImageRefused(problem)
+        stored = im.size
+        drafted = None
         if draft_short > 0 and im.format == "JPEG":
             # PIL picks the largest scale s in (8, 4, 2) with both sides // s >= draft_short,
             # or none: only an image at least twice as large as needed is drafted.
-            im.draft(None, (draft_short, draft_short))
+            drafted = im.draft(None, (draft_short, draft_short))
         im.load()
-        return to_rgb(im)
+        rgb = to_rgb(im)
+    if drafted is not None and rgb.size != stored:
+        # (The area the decoded pixels cover, in their own units: see resize_stored.)
+        rgb.info[DRAFT_AREA] = (stored, drafted[1])
+    return rgb
+
+
+# Image.info key of a draft-decoded image: ((width, height) as stored, the area of the
+# stored image in decoded pixels, PIL's draft box).
+DRAFT_AREA = "vqtok_draft_area"
+
+
+def stored_size(img: Image.Image) -> Tuple[int, int]:
+    """The size of ``img`` as stored in its file (larger than ``img.size`` when drafted)."""
+    area = img.info.get(DRAFT_AREA)
+    return tuple(area[0]) if area else img.size
+
+
+def resize_stored(img: Image.Image, size: Tuple[int, int]) -> Image.Image:
+    """``img`` resized (bicubic) to ``size`` as if from the image as stored.
+
+    A draft-decoded side that is no multiple of the scale s ends in a pixel covering less
+    than s stored pixels (683 rows / 8 = 85.4 decoded rows): the resize reads exactly the
+    stored image's area (PIL's ``box``) instead of stretching 86 rows over it.
+    """
+    area = img.info.get(DRAFT_AREA)
+    out = img.resize(size, Image.BICUBIC, box=area[1] if area else None)
+    out.info.pop(DRAFT_AREA, None)          # the result is an ordinary image of its own size
+    return out
 
 
 def to_rgb(im: Image.Image) -> Image.Image:
@@ -474,18 +504,18 @@ def crop_image(img: Image.Image, size: int, rng: np.random.Generator, random_cro
     :class:`ImageRefused` when the rescaled image would exceed ``max_pixels`` (an extreme
     aspect ratio), before anything is allocated.
     """
-    w, h = img.size
+    w, h = stored_size(img)
     lo, hi = scale_range
     if hi > lo:
         # A random zoom, but never upsampling past the photo's own resolution.
         short = max(size, min(int(round(size * float(rng.uniform(lo, hi)))), min(w, h)))
     else:
         short = max(size, int(round(size * lo)))
-    if min(w, h) != short:
+    if min(w, h) != short or img.size != (w, h):
         problem = rescale_problem(w, h, short, size, max_pixels)
         if problem:
             raise ImageRefused(problem)
-        img = img.resize(rescaled_size(w, h, short, size), Image.BICUBIC)
+        img = resize_stored(img, rescaled_size(w, h, short, size))
         w, h = img.size
     if random_crop:
         x = int(rng.integers(0, w - size + 1))
@@ -562,9 +592,9 @@ class ImageCrops(Dataset):
         if self.spec.cache:
             # Cached photos are stored no larger than the largest zoom needs (faster crops).
             limit = int(round(self.spec.image_size * self.spec.scale_range[1]))
-            w, h = img.size
+            w, h = stored_size(img)
             if min(w, h) > limit:
-                img = img.resize((round(w * limit / min(w, h)), round(h * limit / min(w, h))), Image.BICUBIC)
+                img = resize_stored(img, (round(w * limit / min(w, h)), round(h * limit / min(w, h))))
             self._cache[index] = img
         return img
 

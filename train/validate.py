@@ -304,7 +304,9 @@ MAX_NUM_WORKERS = 1024
 def rule_num_workers(train: Dict[str, Any], out: List[Finding]) -> None:
     """``train.num_workers`` is ``auto`` or a whole number of worker processes >= 0."""
     value = train.get("num_workers")
-    if value is None or value == "auto" or (is_int(value) and 0 <= value <= MAX_NUM_WORKERS):
+    if not (is_int(value) or isinstance(value, str)):
+        return      # None (the default), or a type error that rule_schema reports
+    if value == "auto" or (is_int(value) and 0 <= value <= MAX_NUM_WORKERS):
         return
     path = "train.num_workers"
     fix = ("write num_workers: auto (sized from the CPUs), or a number of worker processes >= 0 "
