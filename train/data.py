@@ -411,6 +411,11 @@ def check_usable(spec: DataSpec, seed: int) -> None:
 # ----------------------------------------------------------------------------------------
 # Loading and cropping
 
+# Image.info key of a draft-decoded image: ((width, height) as stored, the area of the
+# stored image in decoded pixels, PIL's draft box).
+DRAFT_AREA = "vqtok_draft_area"
+
+
 def load_rgb(path: str, max_pixels: int = DEFAULT_MAX_PIXELS, draft_short: int = 0) -> Image.Image:
     """The image at ``path`` as 8-bit RGB; :class:`ImageRefused` when it has more than
     ``max_pixels`` pixels (checked from the header, before decoding) or is no regular file.
@@ -439,11 +444,6 @@ def load_rgb(path: str, max_pixels: int = DEFAULT_MAX_PIXELS, draft_short: int =
         # (The area the decoded pixels cover, in their own units: see resize_stored.)
         rgb.info[DRAFT_AREA] = (stored, drafted[1])
     return rgb
-
-
-# Image.info key of a draft-decoded image: ((width, height) as stored, the area of the
-# stored image in decoded pixels, PIL's draft box).
-DRAFT_AREA = "vqtok_draft_area"
 
 
 def stored_size(img: Image.Image) -> Tuple[int, int]:
@@ -552,7 +552,7 @@ def to_model_range(images: torch.Tensor) -> torch.Tensor:
     table = _MODEL_RANGE_ON.get(images.device)
     if table is None:
         table = _MODEL_RANGE_ON.setdefault(images.device, _MODEL_RANGE.to(images.device))
-    return table[images.long()]
+    return table[images.int()]         # int32 indices: half the transient memory of int64
 
 
 class ImageCrops(Dataset):
@@ -622,8 +622,9 @@ class ImageCrops(Dataset):
                 path = self.spec.paths[index]
                 if first_bad is None:
                     first_bad = path
-                    why = str(exc) if isinstance(exc, ImageRefused) else \
-                        f"cannot be read as an image ({type(exc).__name__}: {exc}); check that it is an image file and not damaged"
+                    why = str(exc) if isinstance(exc, ImageRefused) else (
+                        f"cannot be read as an image ({type(exc).__name__}: {exc}); "
+                        "check that it is an image file and not damaged")
                 if not quiet and path not in self._reported:
                     self._reported.add(path)
                     print(f"warning: skipping unreadable image {path} ({type(exc).__name__}: {exc})",
