@@ -24,6 +24,7 @@ test: $(STAMP)
 
 bench: $(STAMP)
 	$(PY) benchmarks/bench_losses.py
+	$(PY) benchmarks/bench_loader.py
 
 clean:
 	rm -rf $(VENV)

@@ -35,7 +35,8 @@ from omegaconf import OmegaConf
 from PIL import Image
 
 from train.cli import main
-from train.data import (DataSpec, ImageCrops, ImageRefused, crop_image, list_folder, load_rgb, resolve_data)
+from train.data import (DataSpec, ImageCrops, ImageRefused, crop_image, list_folder, load_rgb, resolve_data,
+                        to_model_range)
 from train.schema import make_config
 from tests.test_data import write_images as write_random_images
 
@@ -241,7 +242,7 @@ def test_16_bit_and_float_images_are_scaled_not_clipped(tmp_path):
     gradient = (np.arange(32 * 32, dtype=np.uint32).reshape(32, 32) * 64).astype(np.uint16)
     Image.fromarray(gradient).save(tmp_path / "gradient16.png")
     spec = DataSpec(paths=[str(tmp_path / "gradient16.png")], image_size=32, random_crop=False)
-    image = ImageCrops(spec, seed=0)[0]["image"]
+    image = to_model_range(ImageCrops(spec, seed=0)[0]["image"])    # uint8 item -> the model's range
     want = torch.from_numpy(((gradient.astype(np.float32) + 128) // 257) / 127.5 - 1.0)
     assert torch.equal(image[0], want) and image.max() > 0.9     # clipping made it all +1
 
@@ -263,7 +264,9 @@ def test_floats_and_integers_without_a_known_scale_are_refused(tmp_path, capsys)
     code, _, err, _ = run_cli(["fit", tiny_config(tmp_path), "--data", str(tmp_path / "big_hdr.tif"),
                                "--out", str(tmp_path / "run"), "--max-steps", "1", "--no-bar"], capsys)
     assert code == 2
-    assert_one_message(err, "could be decoded", "big_hdr.tif", "only floats in [0, 1]")
+    # Refused before training: fit decodes files in training order until one gives a crop.
+    assert_one_message(err, "no readable image in image", "big_hdr.tif", "only floats in [0, 1]")
+    assert not (tmp_path / "run" / "checkpoints").exists()
 
 
 # ----------------------------------------------------------------------------------------
@@ -367,17 +370,32 @@ def test_sigterm_during_start_up_says_what_happened(tmp_path):
 
 
 def test_a_user_error_inside_a_dataloader_worker_is_one_message(tmp_path):
+    from train.cli import user_message
+    from train.data import make_loader
+
     folder = tmp_path / "images"
     paths = write_images(folder, 2)
-    for path in paths:                      # headers intact, pixel data cut off: fails in the worker
+    for path in paths:                      # headers intact, pixel data cut off: fails when decoded
         data = open(path, "rb").read()
         open(path, "wb").write(data[: len(data) // 3])
+    # fit decodes in training order until one file gives a crop, so this is refused in the
+    # main process before any worker starts.
     proc = python_m_train(["fit", tiny_config(tmp_path, num_workers=1), "--data", str(folder),
                            "--out", str(tmp_path / "run"), "--max-steps", "1", "--no-bar"])
     assert proc.returncode == 2, proc.stderr
     assert "Caught UserError" not in proc.stderr and "worker process" not in proc.stderr
-    assert_one_message(proc.stderr, "error: no image in folder", "could be decoded", "check the files")
+    assert_one_message(proc.stderr, "error: no readable image in folder", "image file is truncated",
+                       "not damaged")
     assert not (tmp_path / "run" / "checkpoints").exists()
+    # Files that go bad after the start (a listing made before they were damaged): the worker
+    # raises, torch re-raises it wrapped in the worker's traceback, the CLI keeps one line.
+    spec = DataSpec(paths=paths, image_size=32, source=f"folder {folder}")
+    with pytest.raises(Exception) as caught:
+        next(iter(make_loader(spec, 0, 2, 1, 1, 0, start_step=0, end_step=1, num_workers=1)))
+    assert "worker process" in str(caught.value)
+    message = user_message(caught.value)
+    assert "\n" not in message and message.startswith(f"no readable image in folder {folder}")
+    assert "image file is truncated" in message
 
 
 # ----------------------------------------------------------------------------------------

@@ -16,10 +16,37 @@ ranks have drawn before it): k picks the epoch (k // N), the epoch's permutation
 :class:`StepBatchSampler` hands out the sample numbers of each micro-batch from any step
 onward, so a run resumed at step s reads exactly the batches the uninterrupted run read.
 
-Unreadable or corrupt images never stop training: files whose header cannot be read are
-dropped before training (and counted); a file that fails to decode later is replaced by the
-next file of the permutation and counted in ``batch["skipped"]``.  A data set with no
-readable image is a :class:`UserError` before training starts.
+Unreadable or corrupt images never stop training: a file that cannot be read or decoded is
+replaced by the next file of the permutation and counted in ``batch["skipped"]``.  ``fit``
+opens no file before training beyond what proves the data usable (``resolve_data(...,
+scan=False)``): files are tried in the order of the first epoch until one decodes, so a
+million-file data set starts as fast as a small one, and a data set with no readable image
+is still a :class:`UserError` before training starts.  ``eval`` and ``extract-features``
+read every file anyway; they keep the header scan (``scan=True``), which drops unreadable
+files up front and names them.
+
+The data pipeline (``make_loader``):
+
+* ``train.num_workers: auto`` (the default) starts :func:`loader_workers` worker processes:
+  the CPUs this process may use (``os.sched_getaffinity``) shared among the processes of
+  this node (torchrun's ``LOCAL_WORLD_SIZE``), one left for the training process, at most
+  8; none on a one-CPU share.  Workers are persistent and prefetch.  An int sets the count
+  (0 = load in the training process).
+* Crops travel between processes as uint8 ``(3, S, S)`` tensors (a quarter of float32);
+  :func:`to_model_range` turns them into taming's ``x / 127.5 - 1`` floats on the training
+  device, bit-identical to :func:`to_tensor` on the host (a 256-entry table, not a
+  division, which CUDA computes as a multiplication by the reciprocal).
+* JPEGs are decoded in draft mode (libjpeg's DCT scaling by 1/2, 1/4 or 1/8) when the stored
+  image is at least twice what the crop needs (its shorter side >= 2 x image_size x the
+  largest zoom of ``scale_range``): decoding a 1000 x 750 photograph for 256 px crops takes
+  a fraction of the time.  The crop is then taken from the smaller decode, so its pixels
+  differ slightly from a full decode followed by the bicubic rescale (no more than a
+  different resampling filter would); the result is still a pure function of the file and
+  the sample number.  ``extract-features`` decodes the same way, so cached DINO features
+  match the training crops.
+* Batches depend on the sample numbers only, never on which worker made them: any worker
+  count gives bit-identical batches, and a resumed run reads exactly what the uninterrupted
+  one read.
 
 Hostile files are treated the same way, before they cost memory: the pixel count from the
 header is checked against ``data.max_image_pixels`` before decoding (a 661-byte PNG can
@@ -83,7 +110,7 @@ class DataSpec:
     scale_range: Tuple[float, float] = (1.0, 1.0)
     # Where the list came from, for the log ("folder /x (1200 images)").
     source: str = ""
-    # Files dropped because their header could not be read.
+    # Files dropped because their header could not be read (only when the headers were scanned).
     unreadable: List[str] = field(default_factory=list)
     # Keep decoded images in memory (the built-in set is a few MB).
     cache: bool = False
@@ -334,9 +361,13 @@ def no_image_message(source: str, bad: Sequence[str], problems: Dict[str, str]) 
     return f"no readable image in {source} (e.g. {bad[0]}: {why})"
 
 
-def resolve_data(cfg, data_arg: Optional[str] = None, split: str = "train") -> DataSpec:
+def resolve_data(cfg, data_arg: Optional[str] = None, split: str = "train", scan: bool = True) -> DataSpec:
     """The training (or held-out, ``split="validation"``) images of a run.
 
+    ``scan`` reads every file's header now and drops the unreadable ones (``eval``: it names
+    what it leaves out).  ``scan=False`` (``fit``) opens no header: files are decoded in the
+    first epoch's order (``train.seed``) only until one gives a crop (:func:`check_usable`),
+    and bad files are skipped and counted when training first reads them.
     Raises :class:`UserError` when nothing names the data or no file is a readable image.
     """
     size = int(cfg.data.image_size)
@@ -370,6 +401,11 @@ def resolve_data(cfg, data_arg: Optional[str] = None, split: str = "train") -> D
         random_crop = False
         source = f"taming file list {list_file} ({len(paths)} entries)"
     max_pixels = int(getattr(cfg.data, "max_image_pixels", DEFAULT_MAX_PIXELS))
+    if not scan:
+        spec = DataSpec(paths=paths, image_size=size, random_crop=random_crop, scale_range=scale,
+                        source=source, cache=cache, max_pixels=max_pixels)
+        check_usable(spec, int(cfg.train.seed))
+        return spec
     good, bad, problems = check_readable(paths, size, max_pixels)
     if not good and split == "train":
         raise UserError(no_image_message(source, bad, problems))
@@ -377,18 +413,72 @@ def resolve_data(cfg, data_arg: Optional[str] = None, split: str = "train") -> D
                     source=source, unreadable=bad, cache=cache, max_pixels=max_pixels, problems=problems)
 
 
+def check_usable(spec: DataSpec, seed: int) -> None:
+    """:class:`UserError` unless some file of ``spec`` gives a crop.
+
+    Files are decoded in the order training reads them (the first epoch's permutation), so
+    on good data this decodes one file -- the first one training needs anyway -- and a data
+    set without one usable image is refused before any worker starts.  Nothing is printed
+    for the bad files met on the way: training warns about each when it reaches it.
+    """
+    ImageCrops(spec, seed).sample(0, quiet=True)
+
+
 # ----------------------------------------------------------------------------------------
 # Loading and cropping
 
-def load_rgb(path: str, max_pixels: int = DEFAULT_MAX_PIXELS) -> Image.Image:
+# Image.info key of a draft-decoded image: ((width, height) as stored, the area of the
+# stored image in decoded pixels, PIL's draft box).
+DRAFT_AREA = "vqtok_draft_area"
+
+
+def load_rgb(path: str, max_pixels: int = DEFAULT_MAX_PIXELS, draft_short: int = 0) -> Image.Image:
     """The image at ``path`` as 8-bit RGB; :class:`ImageRefused` when it has more than
-    ``max_pixels`` pixels (checked from the header, before decoding)."""
+    ``max_pixels`` pixels (checked from the header, before decoding) or is no regular file.
+
+    ``draft_short`` > 0: a JPEG whose shorter side is at least twice ``draft_short`` is
+    decoded at 1/2, 1/4 or 1/8 scale (PIL's ``Image.draft``, libjpeg's DCT scaling), the
+    smallest that keeps its shorter side >= ``draft_short``.
+    """
+    # Checked here, not only in the header scan fit no longer runs: opening a FIFO named
+    # like an image would block until someone writes to it.
+    if not stat.S_ISREG(os.stat(path).st_mode):
+        raise ImageRefused("is not a regular file (a FIFO, socket or device); leave it out of the data")
     with open_header(path) as im:
         problem = too_many_pixels(im.size[0], im.size[1], max_pixels)
         if problem:
             raise ImageRefused(problem)
+        stored = im.size
+        drafted = None
+        if draft_short > 0 and im.format == "JPEG":
+            # PIL picks the largest scale s in (8, 4, 2) with both sides // s >= draft_short,
+            # or none: only an image at least twice as large as needed is drafted.
+            drafted = im.draft(None, (draft_short, draft_short))
         im.load()
-        return to_rgb(im)
+        rgb = to_rgb(im)
+    if drafted is not None and rgb.size != stored:
+        # (The area the decoded pixels cover, in their own units: see resize_stored.)
+        rgb.info[DRAFT_AREA] = (stored, drafted[1])
+    return rgb
+
+
+def stored_size(img: Image.Image) -> Tuple[int, int]:
+    """The size of ``img`` as stored in its file (larger than ``img.size`` when drafted)."""
+    area = img.info.get(DRAFT_AREA)
+    return tuple(area[0]) if area else img.size
+
+
+def resize_stored(img: Image.Image, size: Tuple[int, int]) -> Image.Image:
+    """``img`` resized (bicubic) to ``size`` as if from the image as stored.
+
+    A draft-decoded side that is no multiple of the scale s ends in a pixel covering less
+    than s stored pixels (683 rows / 8 = 85.4 decoded rows): the resize reads exactly the
+    stored image's area (PIL's ``box``) instead of stretching 86 rows over it.
+    """
+    area = img.info.get(DRAFT_AREA)
+    out = img.resize(size, Image.BICUBIC, box=area[1] if area else None)
+    out.info.pop(DRAFT_AREA, None)          # the result is an ordinary image of its own size
+    return out
 
 
 def to_rgb(im: Image.Image) -> Image.Image:
@@ -430,18 +520,18 @@ def crop_image(img: Image.Image, size: int, rng: np.random.Generator, random_cro
     :class:`ImageRefused` when the rescaled image would exceed ``max_pixels`` (an extreme
     aspect ratio), before anything is allocated.
     """
-    w, h = img.size
+    w, h = stored_size(img)
     lo, hi = scale_range
     if hi > lo:
         # A random zoom, but never upsampling past the photo's own resolution.
         short = max(size, min(int(round(size * float(rng.uniform(lo, hi)))), min(w, h)))
     else:
         short = max(size, int(round(size * lo)))
-    if min(w, h) != short:
+    if min(w, h) != short or img.size != (w, h):
         problem = rescale_problem(w, h, short, size, max_pixels)
         if problem:
             raise ImageRefused(problem)
-        img = img.resize(rescaled_size(w, h, short, size), Image.BICUBIC)
+        img = resize_stored(img, rescaled_size(w, h, short, size))
         w, h = img.size
     if random_crop:
         x = int(rng.integers(0, w - size + 1))
@@ -456,12 +546,38 @@ def to_tensor(array: np.ndarray) -> torch.Tensor:
     return torch.from_numpy(array.astype(np.float32) / 127.5 - 1.0).permute(2, 0, 1).contiguous()
 
 
+def to_uint8_chw(array: np.ndarray) -> torch.Tensor:
+    """uint8 HWC -> uint8 CHW: what data workers send (a quarter of :func:`to_tensor`'s bytes)."""
+    # One copy, which also makes PIL's read-only buffer writable (torch warns otherwise).
+    return torch.from_numpy(np.array(array.transpose(2, 0, 1), dtype=np.uint8, order="C"))
+
+
+# The 256 values of to_tensor, computed by the same numpy expression: looking them up gives
+# bit-identical floats on any device (CUDA divides a tensor by a scalar as a multiplication
+# by its reciprocal, which can differ in the last bit).
+_MODEL_RANGE = torch.from_numpy(np.arange(256, dtype=np.float32) / 127.5 - 1.0)
+_MODEL_RANGE_ON: Dict[torch.device, torch.Tensor] = {}
+
+
+def to_model_range(images: torch.Tensor) -> torch.Tensor:
+    """uint8 images (any shape) -> float32 in [-1, 1], equal to :func:`to_tensor`'s values,
+    computed where ``images`` lie (the training device).  Float images are taken to be in
+    the model's range already and returned as they are."""
+    if images.dtype != torch.uint8:
+        return images
+    table = _MODEL_RANGE_ON.get(images.device)
+    if table is None:
+        table = _MODEL_RANGE_ON.setdefault(images.device, _MODEL_RANGE.to(images.device))
+    return table[images.int()]         # int32 indices: half the transient memory of int64
+
+
 class ImageCrops(Dataset):
     """Item ``k`` is the crop for global sample number ``k`` (see the module docstring).
 
     ``len()`` is the number of files (one epoch); indices beyond it address later epochs.
-    Each item is ``{"image": (3, S, S) in [-1, 1], "path": str, "file_index": int,
-    "skipped": int}`` (``path`` lets DinoVQ look features up in its cache).
+    Each item is ``{"image": uint8 (3, S, S), "path": str, "file_index": int, "skipped":
+    int}`` (``path`` lets DinoVQ look features up in its cache); :func:`to_model_range`
+    turns a batch of them into the model's [-1, 1] on the training device.
     """
 
     def __init__(self, spec: DataSpec, seed: int):
@@ -486,22 +602,28 @@ class ImageCrops(Dataset):
     def _image(self, index: int) -> Image.Image:
         if index in self._cache:
             return self._cache[index]
-        img = load_rgb(self.spec.paths[index], self.spec.max_pixels)
+        # The largest zoom of scale_range needs this shorter side: draft decoding keeps it.
+        need = int(math.ceil(self.spec.image_size * max(1.0, float(self.spec.scale_range[1]))))
+        img = load_rgb(self.spec.paths[index], self.spec.max_pixels, draft_short=need)
         if self.spec.cache:
             # Cached photos are stored no larger than the largest zoom needs (faster crops).
             limit = int(round(self.spec.image_size * self.spec.scale_range[1]))
-            w, h = img.size
+            w, h = stored_size(img)
             if min(w, h) > limit:
-                img = img.resize((round(w * limit / min(w, h)), round(h * limit / min(w, h))), Image.BICUBIC)
+                img = resize_stored(img, (round(w * limit / min(w, h)), round(h * limit / min(w, h))))
             self._cache[index] = img
         return img
 
     def __getitem__(self, k: int) -> Dict[str, torch.Tensor]:
+        return self.sample(k)
+
+    def sample(self, k: int, quiet: bool = False) -> Dict[str, torch.Tensor]:
+        """Item ``k``; ``quiet`` prints no warning for the files it skips."""
         n = len(self)
         epoch, pos = divmod(int(k), n)
         perm = self.permutation(epoch)
         rng = np.random.default_rng([self.seed, 1, int(k)])
-        skipped, last_problem = 0, ""
+        first_bad, why = None, ""
         # A file that fails to decode is replaced by the next one of the permutation, so the
         # choice stays a function of k (exact resume) and a bad file never stops training.
         for offset in range(n):
@@ -510,18 +632,20 @@ class ImageCrops(Dataset):
                 img = self._image(index)
                 crop = crop_image(img, self.spec.image_size, rng, self.spec.random_crop, self.spec.scale_range,
                                   self.spec.max_pixels)
-                return {"image": to_tensor(crop), "path": self.spec.paths[index], "file_index": index,
-                        "skipped": skipped}
+                return {"image": to_uint8_chw(crop), "path": self.spec.paths[index], "file_index": index,
+                        "skipped": offset}
             except Exception as exc:  # noqa: BLE001 - any decoding failure skips the file
-                skipped += 1
                 path = self.spec.paths[index]
-                why = str(exc) if isinstance(exc, ImageRefused) else f"{type(exc).__name__}: {exc}"
-                last_problem = f"{path}: {why}"
-                if path not in self._reported:
+                if first_bad is None:
+                    first_bad = path
+                    why = str(exc) if isinstance(exc, ImageRefused) else (
+                        f"cannot be read as an image ({type(exc).__name__}: {exc}); "
+                        "check that it is an image file and not damaged")
+                if not quiet and path not in self._reported:
                     self._reported.add(path)
                     print(f"warning: skipping unreadable image {path} ({type(exc).__name__}: {exc})",
                           file=sys.stderr)
-        raise UserError(f"no image in {self.spec.source} could be decoded (e.g. {last_problem}); check the files")
+        raise UserError(no_image_message(self.spec.source, [first_bad], {first_bad: why}))
 
 
 class StepBatchSampler:
@@ -560,27 +684,64 @@ def steps_for_epochs(epochs: float, n_images: int, images_per_step: int) -> int:
     return max(1, math.ceil(epochs * n_images / images_per_step))
 
 
+# train.num_workers: auto starts at most this many workers per process: past it, decoding
+# 256 px crops outpaces a GPU step of the tokenizers trained here, and each worker holds
+# its own copy of the file list and of the decoded images in flight.
+MAX_AUTO_WORKERS = 8
+# Batches each worker prepares ahead of the training step (DataLoader's prefetch_factor).
+PREFETCH_BATCHES = 4
+
+
+def usable_cpus() -> int:
+    """CPUs this process may run on (its affinity mask: taskset, cgroups cpusets, SLURM)."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except (AttributeError, OSError):         # not on Linux
+        return os.cpu_count() or 1
+
+
+def loader_workers(value, cpus: Optional[int] = None, local_processes: Optional[int] = None) -> int:
+    """Worker processes for ``train.num_workers`` (``"auto"`` or an int >= 0).
+
+    ``auto``: the CPUs this process may use, shared among the training processes of this
+    node (``LOCAL_WORLD_SIZE``, set by torchrun), minus one for the training process itself,
+    at most :data:`MAX_AUTO_WORKERS`; 0 (load in the training process) on a one-CPU share.
+    """
+    if value != "auto":
+        return int(value)
+    cpus = usable_cpus() if cpus is None else int(cpus)
+    if local_processes is None:
+        local_processes = int(os.environ.get("LOCAL_WORLD_SIZE") or 1)
+    share = cpus // max(1, local_processes)
+    return min(MAX_AUTO_WORKERS, share - 1) if share > 1 else 0
+
+
 def make_loader(spec: DataSpec, seed: int, batch_size: int, accumulate: int, world_size: int, rank: int,
-                start_step: int, end_step: Optional[int], num_workers: int = 0, pin_memory: bool = False):
+                start_step: int, end_step: Optional[int], num_workers="auto", pin_memory: bool = False):
     """A DataLoader over :class:`ImageCrops` driven by :class:`StepBatchSampler`.
 
-    It gets its own ``torch.Generator`` so creating it never draws from the global RNG
-    (which is part of the checkpointed state).
+    Batches hold uint8 images (see :func:`to_model_range`).  ``num_workers`` is
+    ``train.num_workers`` (:func:`loader_workers`); workers are persistent and prefetch
+    :data:`PREFETCH_BATCHES` batches each.  The loader gets its own ``torch.Generator`` so
+    creating it never draws from the global RNG (which is part of the checkpointed state);
+    items depend on their sample number only, so the worker count never changes a batch.
     """
     dataset = ImageCrops(spec, seed)
     sampler = StepBatchSampler(batch_size, accumulate, world_size, rank, start_step, end_step)
-    return torch.utils.data.DataLoader(dataset, batch_sampler=sampler, num_workers=int(num_workers),
-                                       pin_memory=pin_memory, generator=torch.Generator().manual_seed(seed),
-                                       persistent_workers=False)
+    workers = loader_workers(num_workers)
+    extra = {"persistent_workers": True, "prefetch_factor": PREFETCH_BATCHES} if workers > 0 else {}
+    return torch.utils.data.DataLoader(dataset, batch_sampler=sampler, num_workers=workers,
+                                       pin_memory=pin_memory, generator=torch.Generator().manual_seed(seed), **extra)
 
 
 def fixed_crops(spec: DataSpec, count: int, seed: int = 0) -> torch.Tensor:
-    """``count`` deterministic crops (B, 3, S, S) of ``spec`` -- e.g. a held-out eval batch."""
+    """``count`` deterministic crops (B, 3, S, S) in [-1, 1] of ``spec`` -- e.g. a held-out eval batch."""
     dataset = ImageCrops(spec, seed)
-    return torch.stack([dataset[k]["image"] for k in range(count)])
+    return to_model_range(torch.stack([dataset[k]["image"] for k in range(count)]))
 
 
 __all__ = ["DataSpec", "ImageCrops", "StepBatchSampler", "resolve_data", "make_loader", "fixed_crops",
            "builtin_paths", "list_folder", "read_file_list", "steps_for_epochs", "BUILTIN_TRAIN",
            "BUILTIN_HELDOUT", "ImageRefused", "load_rgb", "to_rgb", "crop_image", "image_problem",
-           "data_argument", "no_image_message", "is_shard_pattern"]
+           "data_argument", "no_image_message", "is_shard_pattern", "check_usable", "to_model_range",
+           "to_uint8_chw", "loader_workers", "usable_cpus"]

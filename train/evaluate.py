@@ -227,11 +227,11 @@ def make_batches(spec, indices: List[int], batch_size: int, seed: int, num_worke
     is the crop ``fixed_crops`` (and the demo's held-out measurement) gives for k; folders and
     lists through :class:`_Files`, one centre crop per chosen file.
     """
-    from train.data import ImageCrops
+    from train.data import ImageCrops, loader_workers
 
     dataset = ImageCrops(spec, seed) if spec.random_crop else _Files(spec)
     chunks = [indices[i:i + batch_size] for i in range(0, len(indices), batch_size)]
-    return torch.utils.data.DataLoader(dataset, batch_sampler=chunks, num_workers=int(num_workers),
+    return torch.utils.data.DataLoader(dataset, batch_sampler=chunks, num_workers=loader_workers(num_workers),
                                        collate_fn=_collate)
 
 
@@ -281,6 +281,8 @@ def run_model(model, batches: Iterable[Dict[str, torch.Tensor]], device: torch.d
     Runs in eval mode without gradients; the global random state is seeded for the run
     (Gumbel sampling draws from it) and restored afterwards.
     """
+    from train.data import to_model_range
+
     was_training = model.training
     model.eval()
     names = list(model.codebook_names)
@@ -297,7 +299,7 @@ def run_model(model, batches: Iterable[Dict[str, torch.Tensor]], device: torch.d
                 skipped += int(torch.as_tensor(batch.get("skipped", 0)).sum())
                 if batch["image"].numel() == 0:
                     continue
-                x = batch["image"].to(device)
+                x = to_model_range(batch["image"].to(device))     # ImageCrops sends uint8
                 xrec, codes = reconstruct_with_codes(model, x)
                 if tuple(xrec.shape) != tuple(x.shape):
                     raise ValueError("{}x{} px in, {}x{} px out".format(*x.shape[-2:], *xrec.shape[-2:]))

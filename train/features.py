@@ -76,7 +76,9 @@ def extract(cfg, data_arg: Optional[str], out: str, batch_size: int, device: str
 
     for path in spec.paths:
         try:
-            crop = crop_image(load_rgb(path, spec.max_pixels), size, None, False, (1.0, 1.0), spec.max_pixels)
+            # Decoded as training decodes it (JPEG draft mode), so the features match its crops.
+            crop = crop_image(load_rgb(path, spec.max_pixels, draft_short=size), size, None, False, (1.0, 1.0),
+                              spec.max_pixels)
         except Exception as exc:  # noqa: BLE001 - unreadable files are skipped and counted
             skipped += 1
             print(f"warning: skipping unreadable image {path} ({type(exc).__name__}: {exc})", file=sys.stderr)

@@ -155,7 +155,9 @@ def _prepare(args, config_path: Optional[str], overrides: List[str]):
         # A config given next to --resume: the data the run recorded.  (Without one, cfg is
         # the run's own config and already carries it: no second read of the checkpoint.)
         cfg.data.path = stored_data_path(resume)
-    data = resolve_shards(cfg) if is_shard_pattern(cfg.data.path) else resolve_data(cfg)
+    # No header scan: a million files start as fast as a thousand (bad ones are skipped and
+    # counted when training reaches them).
+    data = resolve_shards(cfg) if is_shard_pattern(cfg.data.path) else resolve_data(cfg, scan=False)
     run_dir = args.out or (resume.run_dir if resume is not None else None) or default_run_dir(cfg.name)
     return cfg, data, resume, run_dir
 

@@ -18,7 +18,7 @@ Native config shape (YAML or JSON)::
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any, Dict, List, Optional
+from typing import Any, Dict, List, Optional, Union
 
 
 @dataclass
@@ -72,8 +72,11 @@ class TrainSection:
     ckpt_every: int = 500
     # Stop after this many non-finite losses in a row (each one is skipped).
     max_bad_steps: int = 5
-    # DataLoader worker processes.
-    num_workers: int = 0
+    # DataLoader worker processes per training process: "auto" = the CPUs this process may
+    # use, shared among the node's training processes, minus one, at most 8 (0 on a one-CPU
+    # share); an int >= 0 sets the count, 0 = load images in the training process.
+    # Batches are the same for any count (train/data.py).
+    num_workers: Union[int, str] = "auto"
     # ImageNet VGG16 trunk for LPIPS: a torchvision ``vgg16`` state-dict file.
     vgg_ckpt_path: Optional[str] = None
     # Allow a randomly initialised VGG16 trunk when no file is given (demos and tests only).

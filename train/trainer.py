@@ -53,7 +53,7 @@ from train.callbacks import (GracefulStop, ImageGrids, MetricsWindow, PeriodicCh
 from train.checkpoint import seed_everything
 from train.codebook_init import init_codebook_from_data
 from train.config import save_config
-from train.data import DataSpec, make_loader, steps_for_epochs
+from train.data import DataSpec, loader_workers, make_loader, steps_for_epochs, to_model_range
 from train.errors import TrainingStopped, UserError, raise_for_errors
 from train.logger import RunLogger
 from train.rank_sync import check_ranks_in_sync
@@ -211,11 +211,12 @@ class Trainer:
         log = RunLogger(self.run_dir, enabled=self.is_main, total_steps=self.max_steps,
                         start_step=self.step, use_bar=self.use_bar)
         self._write_config()
+        self.workers = loader_workers(t.num_workers)
         self._print_header(log)
         loader = make_shard_loader if isinstance(self.data, ShardSpec) else make_loader
         batches = iter(loader(self.data, t.seed, t.batch_size, accumulate, self.world, self.rank,
-                                   start_step=self.step, end_step=self.max_steps, num_workers=t.num_workers,
-                                   pin_memory=self.device.type == "cuda"))
+                              start_step=self.step, end_step=self.max_steps, num_workers=self.workers,
+                              pin_memory=self.device.type == "cuda"))
         started, stop = time.time(), GracefulStop()
         metrics = MetricsWindow(log, tuple(self.model.codebook_sizes), self.device,
                                 t.log_every)
@@ -295,12 +296,11 @@ class Trainer:
                          last_grid=grids.last, seconds=time.time() - started)
 
     def _prepare(self, batch: Dict, step: int) -> Dict:
-        """Count undecodable images, move the batch to the device, run the augmenter."""
+        """Count undecodable images, move the batch to the device (uint8 images: a quarter
+        of the bytes), scale the images to [-1, 1] there, run the augmenter."""
         self.skipped_images += int(batch["skipped"].sum())
         batch = {k: (v.to(self.device, non_blocking=True) if torch.is_tensor(v) else v) for k, v in batch.items()}
-        if batch["image"].dtype == torch.uint8:
-            # uint8 crops (shards) become taming's image / 127.5 - 1 on the device.
-            batch["image"] = batch["image"].float() / 127.5 - 1.0
+        batch["image"] = to_model_range(batch["image"])
         return self.batch_augmenter(batch, step) if self.batch_augmenter is not None else batch
 
     def _sync_gradients(self, last_micro: bool):
@@ -333,7 +333,9 @@ class Trainer:
                     + (f", discriminator {n_disc / 1e6:.2f}M" if self.disc is not None else
                        ", no discriminator optimizer (use_gan is false)"))
         log.message(self.lr_note)
-        log.message(f"data: {self.data.source}, {self.data.image_size}px crops"
+        workers = (f"{self.workers} loader worker(s)" if self.workers else "loading in the training process") + \
+            (" (train.num_workers auto)" if self.cfg.train.num_workers == "auto" else "")
+        log.message(f"data: {self.data.source}, {self.data.image_size}px crops, {workers}"
                     + (f"; {len(self.data.unreadable)} unreadable file(s) skipped (e.g. {self.data.unreadable[0]})"
                        if self.data.unreadable else ""))
         steps = f"to step {self.max_steps}" if self.max_steps is not None else "until stopped"

@@ -259,10 +259,10 @@ def rule_train_values(data: Dict[str, Any], out: List[Finding]) -> None:
     value = number("weight_decay")
     if value is not None and not (math.isfinite(value) and value >= 0):
         bad("weight_decay", "weight decay must be a number >= 0", "write weight_decay: 0.0 (none) or e.g. 0.01")
-    for key in ("seed", "num_workers"):
-        value = train.get(key)
-        if is_int(value) and value < 0:
-            bad(key, "it must be >= 0", f"write a {key} >= 0")
+    value = train.get("seed")
+    if is_int(value) and value < 0:
+        bad("seed", "it must be >= 0", "write a seed >= 0")
+    rule_num_workers(train, out)
     for key in ("batch_size", "accumulate_grad_batches", "log_every", "image_every", "ckpt_every",
                 "max_bad_steps", "disc_update_every"):
         value = train.get(key)
@@ -294,6 +294,33 @@ def rule_train_values(data: Dict[str, Any], out: List[Finding]) -> None:
         out.append(Finding(ERROR, "data.image_size", "bad_value",
                            f"data.image_size is {size}: data.image_size must be >= 8 pixels",
                            "write an image_size of at least 8 (e.g. 256)", [("data.image_size", DELETE)]))
+
+
+# More DataLoader workers than this per training process is a typo, not a machine: each
+# one is a process holding a copy of the file list.
+MAX_NUM_WORKERS = 1024
+
+
+def rule_num_workers(train: Dict[str, Any], out: List[Finding]) -> None:
+    """``train.num_workers`` is ``auto`` or a whole number of worker processes >= 0."""
+    value = train.get("num_workers")
+    if not (is_int(value) or isinstance(value, str)):
+        return      # None (the default), or a type error that rule_schema reports
+    if value == "auto" or (is_int(value) and 0 <= value <= MAX_NUM_WORKERS):
+        return
+    path = "train.num_workers"
+    fix = ("write num_workers: auto (sized from the CPUs), or a number of worker processes >= 0 "
+           "(0 = load images in the training process)")
+    if is_int(value) and value > MAX_NUM_WORKERS:
+        problem = f"more than {MAX_NUM_WORKERS} worker processes per training process"
+    elif is_int(value):
+        problem = "it must be >= 0"
+    else:
+        problem = "it must be auto or a whole number >= 0"
+    # A number written as text ("8") is fixed to the number; anything else to the default.
+    digits = isinstance(value, str) and value.strip().isdigit() and int(value) <= MAX_NUM_WORKERS
+    out.append(Finding(ERROR, path, "bad_value", f"{path} is {value!r}: {problem}", fix,
+                       [(path, int(value) if digits else DELETE)]))
 
 
 def rule_learning_rate(data: Dict[str, Any], out: List[Finding]) -> None:
