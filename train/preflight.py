@@ -149,7 +149,8 @@ class _LiveBytes:
                                       else args[1].dtype, device=args[0].device)
                 else:
                     out = owner.call(func, args, kwargs)
-                owner.ops.append((func, out))
+                if owner.record_ops:
+                    owner.ops.append((str(func), tuple(getattr(out, "shape", ()))))
                 for t in tree_flatten(out)[0]:
                     owner.add(t)
                 return out
@@ -160,8 +161,8 @@ class _LiveBytes:
         self.live: Dict[int, Tuple[int, Any]] = {}
         self.current = 0
         self.peak = 0
-        # (op, output) of the ops seen since the last clear (the attention probe reads them).
-        self.ops: List[Tuple[Any, Any]] = []
+        # (op name, output shape) of the ops inside an attention layer (the probe reads them).
+        self.ops: List[Tuple[str, Tuple[int, ...]]] = []
         self.record_ops = False
 
     def call(self, func, args, kwargs):
@@ -292,6 +293,8 @@ def _build_meta(cfg):
 # autocast to float16" and "... to float32"), by function name.  The meta device has no
 # autocast of its own, so _MetaAutocast applies them above autograd, where autocast sits:
 # the casts it makes are recorded and saved for backward as autocast's are.
+# (CUDA's lists, not CPU's: bf16 training runs on GPUs, and there GroupNorm / LayerNorm run
+# in float32, so a GroupNorm-heavy network saves little memory in bf16.)
 _LOW_PRECISION_OPS = frozenset((
     "conv1d", "conv2d", "conv3d", "conv_transpose1d", "conv_transpose2d", "conv_transpose3d", "linear",
     "matmul", "__matmul__", "__rmatmul__", "mm", "bmm", "baddbmm", "addmm", "addbmm", "einsum", "prelu",
@@ -419,20 +422,20 @@ class _AttentionProbe:
 
     def _before(self, module, args) -> None:
         self.counter.ops.clear()
+        self.counter.record_ops = True
 
     def _after(self, name: str, args) -> None:
         x = args[0]
         positions = x.shape[2] * x.shape[3] if x.dim() == 4 else x.shape[1]
         kernel = "other"
-        for func, out in self.counter.ops:
-            op = str(func)
+        for op, shape in self.counter.ops:
             if "scaled_dot_product" in op:
                 kernel = "sdpa"
                 break
-            shape = tuple(getattr(out, "shape", ()))
             if len(shape) >= 2 and shape[-2:] == (positions, positions):
                 kernel = "scores"
         self.counter.ops.clear()
+        self.counter.record_ops = False
         if not any(layer == name for layer, _, _ in self.found):
             self.found.append((name, int(positions), kernel))
 
@@ -495,24 +498,37 @@ def _run_step(cfg, precision: str, probe_attention: bool):
             "attention": probe.found if probe is not None else []}
 
 
-def estimate(cfg) -> Cost:
-    """The :class:`Cost` of one training step of a typed config (``ExperimentConfig``).
+def estimate(cfg, precisions: Tuple[str, ...] = PRECISIONS) -> Cost:
+    """The :class:`Cost` of one training step of a typed config (``ExperimentConfig``), with
+    the peak for each of ``precisions`` (the first one also probes the attention layers).
 
     Raises ``UserError`` naming the reason when a network cannot be built or run without
     memory (a model whose forward needs real values)."""
+    import random
+
+    import numpy as np
+    import torch
+
     started = time.perf_counter()
     cfg = _estimate_config(cfg)
     runs: Dict[str, Dict[str, Any]] = {}
+    # Building draws initial weights (on meta) and random crops; fit prints the estimate
+    # between its seeding and its first step, so no random state may move.
+    states = random.getstate(), np.random.get_state()
     try:
-        for precision in PRECISIONS:
-            runs[precision] = _run_step(cfg, precision, precision == "fp32")
+        with torch.random.fork_rng(devices=[]):
+            for precision in precisions:
+                runs[precision] = _run_step(cfg, precision, not runs)
     except UserError:
         raise
     except Exception as exc:   # an op that needs real data, a module that cannot run on meta
         reason = str(exc).splitlines()[0] if str(exc) else ""
         raise UserError(f"the memory estimate could not run this model without allocating it "
                         f"({type(exc).__name__}: {reason})") from None
-    run = runs["fp32"]
+    finally:
+        random.setstate(states[0])
+        np.random.set_state(states[1])
+    run = runs[precisions[0]]
     model, sides, codes = run["model"], run["sides"], run["codes"]
     gen, disc = sides[0], (sides[1] if len(sides) > 1 else None)
     trained = {id(p) for s in sides for p in s.params}
@@ -590,7 +606,7 @@ def budget_finding(cost: Cost, budget: Tuple[int, str]):
 
 def summary_line(cost: Cost) -> str:
     """``fit``'s one line before the first step."""
-    peaks = ", ".join(f"{p} {format_bytes(cost.peak[p])}" for p in PRECISIONS)
+    peaks = ", ".join(f"{p} {format_bytes(n)}" for p, n in cost.peak.items())
     largest = max((n for _, n, _ in cost.attention), default=0)
     return (f"estimated peak memory of one step (batch {cost.batch_size} x {cost.image_size} px): {peaks}"
             + (f"; largest attention {largest} positions" if largest else ""))
