@@ -27,6 +27,7 @@ code here is written for this tool.
 from __future__ import annotations
 
 import contextlib
+import gc
 import io
 import logging
 import os
@@ -181,15 +182,17 @@ class _LiveBytes:
             if not all(isinstance(t, torch.Tensor) for t in leaves):
                 self.outputs[key] = None
                 return out
-            self.outputs[key] = ([(t.shape, t.stride(), t.dtype) for t in leaves], spec)
+            # The storage's own size too: some kernels return a view of a larger buffer.
+            self.outputs[key] = ([(t.shape, t.stride(), t.storage_offset(), t.dtype,
+                                   t.untyped_storage().nbytes() // t.element_size()) for t in leaves], spec)
             return out
         if self.outputs[key] is None:
             return func(*args, **kwargs)
         metas, spec = self.outputs[key]
         from torch.utils._pytree import tree_unflatten
 
-        return tree_unflatten([torch.empty_strided(shape, stride, dtype=dtype, device="meta")
-                               for shape, stride, dtype in metas], spec)
+        return tree_unflatten([torch.empty(numel, dtype=dtype, device="meta").as_strided(shape, stride, offset)
+                               for shape, stride, offset, dtype, numel in metas], spec)
 
     def _key(self, func, args, kwargs):
         import torch
@@ -348,7 +351,16 @@ class _MetaAutocast:
                     return out
                 return func(*args, **kwargs)
 
-        self.mode = Mode()
+        self.mode, self.cache = Mode(), cache
+
+    def __enter__(self):
+        self.mode.__enter__()
+        return self
+
+    def __exit__(self, *exc):
+        # Leaving the region drops the cast weights, as autocast's own cache does.
+        self.cache.clear()
+        return self.mode.__exit__(*exc)
 
 
 @contextlib.contextmanager
@@ -470,7 +482,13 @@ def _run_step(cfg, precision: str, probe_attention: bool):
         calc.train()
         dtype = torch.bfloat16 if precision == "bf16" else None
         counter.outputs = _SHAPE_CACHE
-        with counter.mode:
+        # Tensors held only by reference cycles would die whenever the cyclic collector
+        # happens to run: collect first, then keep it off, so the count is the same in
+        # every process.
+        gc.collect()
+        gc.disable()
+        with counter.mode, contextlib.ExitStack() as after:
+            after.callback(gc.enable)
             model.before_step(step)
             batch_size, size = int(cfg.train.batch_size), int(cfg.data.image_size)
             batch = {"image": torch.empty(batch_size, 3, size, size, device=meta),
@@ -478,12 +496,12 @@ def _run_step(cfg, precision: str, probe_attention: bool):
                      "file_index": torch.zeros(batch_size, dtype=torch.long, device=meta)}
             if hook is not None:
                 batch = hook(batch, step)
-            with _autocast_on_meta(dtype), _MetaAutocast().mode:
+            with _autocast_on_meta(dtype), _MetaAutocast():
                 out = calc.generator_step(model, batch, step)
             gen.backward(out.loss)
             codes = [tuple(c.shape[1:]) for c in out.codes]
             if disc is not None and calc.should_update_discriminator(step):
-                with _autocast_on_meta(dtype), _MetaAutocast().mode:
+                with _autocast_on_meta(dtype), _MetaAutocast():
                     d_loss, _ = calc.discriminator_step(out, step)
                 disc.backward(d_loss)
                 del d_loss
