@@ -28,6 +28,10 @@ def shipped_configs():
     return sorted(found)
 
 
+# The cost block's budget defaults to this machine's GPU or RAM; the golden files name one.
+BUDGET = ("--memory-budget", "80GiB")
+
+
 def run_validate(relpath, *flags):
     from train.validate import cli_main
 
@@ -36,7 +40,7 @@ def run_validate(relpath, *flags):
     os.chdir(ROOT)
     try:
         with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
-            code = cli_main([relpath, *flags])
+            code = cli_main([relpath, *flags, *BUDGET])
     finally:
         os.chdir(cwd)
     return f"exit {code}\n--- stdout\n{out.getvalue()}--- stderr\n{err.getvalue()}"

@@ -47,7 +47,7 @@ from adapters import build_model
 from adapters.distributed import is_distributed, rank as dist_rank, world_size as dist_world
 from adapters.registry import get_model_type
 from losses import LossCalculator
-from train import atomic, checkpoint as ckpt
+from train import atomic, checkpoint as ckpt, preflight
 from train.callbacks import (GracefulStop, ImageGrids, MetricsWindow, PeriodicCheckpoint, StepEnd, StopOnSignal,
                              TimeLimit)
 from train.checkpoint import seed_everything
@@ -342,6 +342,13 @@ class Trainer:
         log.message(f"training {steps} from step {self.step}: {self.images_per_step} images/step "
                     f"({self.cfg.train.batch_size} x {self.cfg.train.accumulate_grad_batches} accumulated x "
                     f"{self.world} process(es)), {self.precision}, {self.device}")
+        if self.is_main:
+            # What validate reports, for the precision this run uses (fp16 has bf16's sizes).
+            try:
+                cost = preflight.estimate(self.cfg, ("fp32" if self.precision == "fp32" else "bf16",))
+                log.message(preflight.summary_line(cost))
+            except UserError as exc:
+                log.message(f"memory estimate: not available ({exc})")
         if self.resumed_from:
             log.message(f"resumed from {self.resumed_from} at step {self.step}")
         if self.codebook_init:

@@ -1,14 +1,20 @@
-"""``python -m train validate PATH... [--json] [--fix OUT]``: every finding, with its fix.
+"""``python -m train validate PATH... [--json] [--fix OUT] [--memory-budget SIZE]``: every
+finding, with its fix, and what one training step costs.
 
 Validation collects every finding before reporting (as pydantic and OmegaConf do): each
 has a level (error / warning / info), a dotted key path, a machine code, a message and a
-fix.  ``--fix OUT`` writes a corrected config in the input's own format.
+fix.  ``--fix OUT`` writes a corrected config in the input's own format.  A config without
+errors also gets its preflight cost (``train/preflight.py``: parameters, latent grid,
+attention positions, peak memory of one step in fp32 and bf16, computed on the meta
+device); an estimate above ``--memory-budget`` (default: the visible GPU's memory, else
+this machine's RAM) is a ``memory_over_budget`` warning.
 
 Exit codes: 0 no errors (warnings allowed), 1 any error, 2 unusable file (missing, empty,
 unparseable, a directory, not a config) -- one line naming the file.
 
     python -m train validate configs/legacy/taming_vqvae2_mismatch.json
     python -m train validate configs/legacy/taming_vqvae2_mismatch.json --fix fixed.json
+    python -m train validate configs/taming/custom_vqgan.yaml --memory-budget 24GiB
 """
 from __future__ import annotations
 
@@ -29,7 +35,7 @@ from omegaconf.errors import OmegaConfBaseException
 
 from train.config import (CROP_SOURCE_KEY, Normalized, SECTION_CLASSES, apply_overrides, normalize,
                           plain_data_problems, type_errors, unknown_keys)
-from train import atomic
+from train import atomic, preflight
 from train.schema import DataSection, config_data
 from train.errors import (DELETE, ERROR, INFO, LEVEL_ORDER, WARNING, Finding, UserError, coerce_like,
                           is_int, is_number, near)
@@ -502,6 +508,24 @@ def fix_file(path: str, out_path: str) -> Tuple[List[Finding], List[Finding]]:
 # ----------------------------------------------------------------------------------
 # CLI
 
+def cost_of(norm: Normalized, findings: List[Finding], budget) -> Tuple[Optional["preflight.Cost"], Optional[str]]:
+    """``(cost, None)``, or ``(None, why not)``; appends a warning to ``findings`` when the
+    estimate exceeds ``budget`` (``(bytes, where from)``).  Configs with errors get none:
+    the model they describe cannot be built."""
+    if any(f.level == ERROR for f in findings):
+        return None, None
+    try:
+        from train.config import canonicalize, to_structured
+
+        cost = preflight.estimate(to_structured(canonicalize(norm.data)))
+    except UserError as exc:
+        return None, str(exc)
+    over = preflight.budget_finding(cost, budget)
+    if over is not None:
+        findings.insert(sum(f.level == ERROR for f in findings), over)
+    return cost, None
+
+
 def _print_findings(path: str, findings: List[Finding], stream) -> None:
     errors = sum(f.level == ERROR for f in findings)
     warnings = sum(f.level == WARNING for f in findings)
@@ -520,10 +544,18 @@ def cli_main(argv: Sequence[str]) -> int:
     parser.add_argument("--json", action="store_true", help="print findings as JSON")
     parser.add_argument("--fix", metavar="OUT", help="write a corrected config (same format as the input); "
                         "with several inputs, OUT is a folder")
+    parser.add_argument("--memory-budget", metavar="SIZE", help="warn when one training step needs more memory "
+                        "(e.g. 24GiB, 500MB; default: the visible GPU's memory, else this machine's RAM)")
     try:
         args = parser.parse_args(list(argv))
     except SystemExit as exc:
         return 2 if exc.code else 0
+    try:
+        budget = ((preflight.parse_budget(args.memory_budget), "--memory-budget")
+                  if args.memory_budget is not None else preflight.default_budget())
+    except UserError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
     results: Dict[str, Any] = {}
     worst = 0
     for path in args.paths:
@@ -552,12 +584,22 @@ def cli_main(argv: Sequence[str]) -> int:
             fixed_to = out_path
             _, after = validate_file(out_path)
             remaining = [f for f in after if f.level == ERROR]
+        cost, no_cost = cost_of(norm, findings, budget)
         if args.json:
             results[path] = {"format": norm.fmt, "findings": [f.as_dict() for f in findings]}
+            if cost is not None:
+                results[path]["cost"] = dict(cost.as_dict(), budget_bytes=budget[0], budget_source=budget[1])
+            elif no_cost:
+                results[path]["cost"] = {"error": no_cost}
             if fixed_to:
                 results[path]["fixed"] = {"path": fixed_to, "remaining_errors": [f.as_dict() for f in remaining]}
         else:
             _print_findings(path, findings, sys.stdout)
+            if cost is not None:
+                for line in preflight.cost_lines(cost, budget):
+                    print(f"  {line}")
+            elif no_cost:
+                print(f"  cost: not estimated: {no_cost}")
             if fixed_to:
                 note = "validates clean" if not remaining else f"{len(remaining)} error(s) need a manual fix"
                 print(f"  wrote corrected config to {fixed_to} ({note})")
