@@ -118,7 +118,7 @@ def test_sdpa_and_vanilla_models_agree(variant, tiny_ddconfig):
 
 @pytest.mark.parametrize("variant", ["VQ", "Gumbel", "NoDisc"])
 def test_upstream_weights_load_strictly_into_the_sdpa_default(variant, tiny_ddconfig):
-    from conftest import import_upstream_vqgan
+    from tests.conftest import import_upstream_vqgan
 
     vqgan = import_upstream_vqgan()
     cls = {"VQ": vqgan.VQModel, "Gumbel": vqgan.GumbelVQ, "NoDisc": vqgan.VQNoDiscModel}[variant]

@@ -343,7 +343,7 @@ def test_dinovq_reconstruction_metrics_without_a_teacher(tmp_path, capsys):
 
 @pytest.fixture(scope="module")
 def upstream_vqgan():
-    from conftest import import_upstream_vqgan
+    from tests.conftest import import_upstream_vqgan
 
     return import_upstream_vqgan()
 

@@ -33,7 +33,7 @@ DUMMY_LOSS = {"target": "taming.modules.losses.vqperceptual.DummyLoss"}
 
 @pytest.fixture(scope="module")
 def upstream():
-    from conftest import import_upstream_vqgan
+    from tests.conftest import import_upstream_vqgan
 
     return import_upstream_vqgan()
 

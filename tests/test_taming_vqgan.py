@@ -28,7 +28,7 @@ TEMP_SCHED = {"target": "taming.lr_scheduler.LambdaWarmUpCosineScheduler",
 
 @pytest.fixture(scope="module")
 def upstream():
-    from conftest import import_upstream_vqgan
+    from tests.conftest import import_upstream_vqgan
 
     return import_upstream_vqgan()
 

@@ -487,7 +487,7 @@ def encode(source: str, data: str, out: str, batch_size: Optional[int] = None, s
            num_workers: Optional[int] = None, quiet: bool = False) -> Dict[str, Any]:
     """Encode ``data`` with ``source`` into ``out`` (see the module docstring); returns a
     report (the index plus what this run did).  Under torchrun every rank calls it."""
-    from train.fit import init_distributed
+    from train.launch import init_distributed
     from train.run_folder import open_run_folder
 
     started = time.time()
