@@ -18,12 +18,19 @@ never ask which model they hold:
   step (GumbelVQ's temperature schedule); most models do nothing and return ``{}``.
 * ``init_codebook_from_data(images, seed, batch_size)``: EMA codebooks start from encoder
   outputs (``train.init_codebook_from_data``); models without one refuse with a message.
+* ``codebook_vectors(images, batch_size)`` -> one (N, dim) float tensor per codebook: the
+  encoder outputs of ``images`` in the space codes are looked up in (eval mode, no grad);
+  ``set_codes(index, ids, vectors)`` -> the tensors it changed: codes ``ids`` of codebook
+  ``index`` become ``vectors`` with their EMA statistics reset (a count of 1, as the data
+  start).  Together they are k-means starts (``train.init_codebook_kmeans_iters``) and
+  dead-code restarts (``train.dead_code_threshold``, ``train/dead_codes.py``); models
+  without such codebooks refuse with a message.
 
 Models store nothing about the last batch.
 """
 from __future__ import annotations
 
-from typing import Dict, Iterable, Tuple
+from typing import Dict, Iterable, List, Tuple
 
 import torch
 from torch import nn
@@ -57,3 +64,24 @@ class Tokenizer(nn.Module):
     def init_codebook_from_data(self, images: torch.Tensor, seed: int = 0, batch_size: int = 16):
         raise UserError(f"train.init_codebook_from_data: {type(self).__name__} has no EMA codebook to start "
                         "from data; set train.init_codebook_from_data=false")
+
+    def codebook_vectors(self, images: torch.Tensor, batch_size: int = 16) -> Tuple[torch.Tensor, ...]:
+        raise UserError(f"{type(self).__name__} has no codebook to start or restart from encoder outputs; set "
+                        "train.init_codebook_kmeans_iters=0 and train.dead_code_threshold=null")
+
+    def set_codes(self, index: int, ids: torch.Tensor, vectors: torch.Tensor) -> List[torch.Tensor]:
+        raise UserError(f"{type(self).__name__} has no codebook to start or restart from encoder outputs; set "
+                        "train.init_codebook_kmeans_iters=0 and train.dead_code_threshold=null")
+
+
+def encode_in_chunks(model: nn.Module, fn, images: torch.Tensor, batch_size: int) -> List[torch.Tensor]:
+    """``fn(chunk)`` over ``images`` ``batch_size`` at a time, in eval mode without gradients,
+    on the model's device (the training mode is restored after)."""
+    was_training = model.training
+    model.eval()
+    try:
+        device = next(model.parameters()).device
+        with torch.no_grad():
+            return [fn(images[i:i + batch_size].to(device)) for i in range(0, images.shape[0], batch_size)]
+    finally:
+        model.train(was_training)

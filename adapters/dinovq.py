@@ -39,7 +39,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from adapters.contract import Tokenizer
+from adapters.contract import Tokenizer, encode_in_chunks
 from adapters.dino_features import FeatureCache, FeatureShapeError
 from adapters.dino_teacher import DinoTeacher, load_teacher
 from adapters.distributed import all_reduce_sum_
@@ -231,6 +231,22 @@ class DinoVQNet(Tokenizer):
             self.train(was_training)
         self.quantize.init_from_vectors(flat, seed)
         return (int(flat.shape[0]),)
+
+    def codebook_vectors(self, images: torch.Tensor, batch_size: int = 16) -> Tuple[torch.Tensor]:
+        """The l2-normalised code-space vectors of ``images``, flat (N, codebook_dim)."""
+        chunks = encode_in_chunks(self, lambda x: self.encode(x).reshape(-1, self.codebook_dim).float(),
+                                  images, batch_size)
+        return (torch.cat(chunks),)
+
+    @torch.no_grad()
+    def set_codes(self, index: int, ids: torch.Tensor, vectors: torch.Tensor) -> List[torch.Tensor]:
+        """Codes ``ids`` become the l2-normalised ``vectors``, counted once."""
+        q = self.quantize
+        unit = F.normalize(vectors.float(), dim=-1).to(q.embedding)
+        q.embedding[ids] = unit
+        q.embed_avg[ids] = unit
+        q.cluster_size[ids] = 1.0
+        return [q.embedding, q.embed_avg, q.cluster_size]
 
     def get_last_layer(self) -> torch.Tensor:
         return self.pixel_head.weight
@@ -547,6 +563,7 @@ def _tiny_config() -> Dict[str, Any]:
     gan_settings=_gan_settings,
     codebooks=lambda variant: ("codebook",),
     ema_codebook=lambda variant: True,
+    vector_codebook=lambda variant: True,
     tiny_config=_tiny_config,
     batch_hook=teacher_features_hook,
 )

@@ -87,6 +87,33 @@ def ema_step_(cluster_size: torch.Tensor, embed_avg: torch.Tensor, counts: torch
     return (cluster_size + eps) / (n + cluster_size.numel() * eps) * n
 
 
+def kmeans_codes(vectors: torch.Tensor, n_codes: int, seed: int, iters: int,
+                 chunk: int = 8192) -> torch.Tensor:
+    """``n_codes`` centroids of ``vectors`` (N, dim): :func:`pick_code_vectors`' draw, then
+    ``iters`` Lloyd iterations (Lloyd 1982, "Least squares quantization in PCM": assign each
+    vector to its nearest centroid, move each centroid to the mean of its vectors).
+
+    k-means codebook starts are VQGAN-LC's (Zhu et al. 2024, centroids of image features) and
+    BEiT v2's VQ-KD (Peng et al. 2022, k-means initialised codebook); SoundStream does it on
+    the first batch.  A centroid no vector picked keeps its place (a data vector).  The
+    arithmetic is float32, deterministic for a given input, and uses no global RNG.
+    """
+    flat = vectors.reshape(vectors.shape[0], -1).float()
+    centroids = pick_code_vectors(flat, n_codes, seed).clone()
+    for _ in range(int(iters)):
+        sums = torch.zeros_like(centroids)
+        counts = torch.zeros(n_codes, dtype=flat.dtype, device=flat.device)
+        c_sq = centroids.pow(2).sum(1)
+        for i in range(0, flat.shape[0], chunk):
+            x = flat[i:i + chunk]
+            nearest = (c_sq - 2 * x @ centroids.t()).argmin(1)     # |x|^2 is the same for every code
+            sums.index_add_(0, nearest, x)
+            counts += torch.bincount(nearest, minlength=n_codes).to(flat.dtype)
+        picked = counts > 0
+        centroids[picked] = sums[picked] / counts[picked].unsqueeze(1)
+    return centroids
+
+
 def pick_code_vectors(vectors: torch.Tensor, n_codes: int, seed: int) -> torch.Tensor:
     """``n_codes`` rows of ``vectors`` (N, dim) at distinct random positions.
 

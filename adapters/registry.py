@@ -23,6 +23,8 @@ gan_settings        ``gan_settings(data) -> (use_gan, params)``: where the GAN s
                     discriminator settings live in this type's config
 codebooks           ``codebooks(variant) -> names``: one name per codebook the model has
 ema_codebook        ``ema_codebook(variant) -> bool``: codebook(s) updated by EMA
+vector_codebook     ``vector_codebook(variant) -> bool``: code vectors that encoder outputs
+                    can start and restart (``codebook_vectors`` / ``set_codes``)
 tiny_config         ``tiny_config() -> dict``: a CPU-sized config in the schema's shape
 opt_in_args         model_args names of opt-in features (e.g. ``codebook_l2_norm``): another
                     type (or variant) given one gets an error naming who takes it, not a warning
@@ -97,6 +99,8 @@ class ModelTypeSpec:
     gan_settings: Callable[[Dict[str, Any]], Tuple[Any, Any]] = _gan_in_train_and_lossconfig
     codebooks: Callable[[Optional[str]], Tuple[str, ...]] = lambda variant: ("codebook",)
     ema_codebook: Callable[[Optional[str]], bool] = lambda variant: False
+    # Codebook(s) of code vectors that encoder outputs can start (k-means) and restart (dead codes).
+    vector_codebook: Callable[[Optional[str]], bool] = lambda variant: False
     tiny_config: Callable[[], Dict[str, Any]] = dict
     batch_hook: Optional[Callable[[Any, Any], Optional[Callable]]] = None
     stock_incompatible: Callable[[Dict[str, Any]], Optional[str]] = lambda data: None

@@ -48,7 +48,7 @@ from typing import Any, Dict, List, Optional, Tuple
 import torch
 from torch import nn
 
-from adapters.contract import Tokenizer
+from adapters.contract import Tokenizer, encode_in_chunks
 from adapters.ema_quantizer import EMAVectorQuantizer
 from adapters.vq_lookup import LookupQuantizer
 from adapters.registry import (IMAGE_CHANNELS, MAX_BLOCKS, MAX_CODES, MAX_IMAGE_SIZE, MAX_WIDTH, LossFamilySpec,
@@ -327,6 +327,31 @@ class TamingVQGAN(Tokenizer):
         flat = torch.cat([z.permute(0, 2, 3, 1).reshape(-1, self.embed_dim) for z in chunks])
         self.quantize.embedding.init_from_vectors(flat, seed)
         return (int(flat.shape[0]),)
+
+    def codebook_vectors(self, images: torch.Tensor, batch_size: int = 16) -> Tuple[torch.Tensor]:
+        """Encoder outputs of ``images`` where codes are looked up: ``quant_conv``'s output,
+        projected down and l2-normalised as the lookup does (``adapters/vq_lookup.py``)."""
+        if self.variant == "Gumbel":
+            raise UserError("TamingVQGAN Gumbel samples its codes from logits, it has no code vectors to start or "
+                            "restart from encoder outputs; set train.init_codebook_kmeans_iters=0 and "
+                            "train.dead_code_threshold=null (or use model_variant VQ or EMAVQ)")
+
+        def lookup_space(x):
+            flat = self.encode_to_prequant(x).permute(0, 2, 3, 1).reshape(-1, self.embed_dim).float()
+            return self.quantize._to_lookup(flat) if isinstance(self.quantize, LookupQuantizer) else flat
+        return (torch.cat(encode_in_chunks(self, lookup_space, images, batch_size)),)
+
+    @torch.no_grad()
+    def set_codes(self, index: int, ids: torch.Tensor, vectors: torch.Tensor) -> List[torch.Tensor]:
+        """Codes ``ids`` become ``vectors``; EMAVQ: their ``embed_avg`` too and a count of 1."""
+        emb = self.quantize.embedding
+        vectors = vectors.to(emb.weight)
+        emb.weight.data[ids] = vectors
+        if not self.uses_ema_codebook:
+            return [emb.weight.data]
+        emb.embed_avg[ids] = vectors
+        emb.cluster_size[ids] = 1.0
+        return [emb.weight, emb.embed_avg, emb.cluster_size]
 
     # ---- taming's API ------------------------------------------------------------------
     def encode_to_prequant(self, x: torch.Tensor) -> torch.Tensor:
@@ -793,6 +818,7 @@ TAMING_LOSS = "taming.modules.losses.vqperceptual.VQLPIPSWithDiscriminator"
     opt_in_args=LOOKUP_ARGS,
     codebooks=lambda variant: ("codebook",),
     ema_codebook=lambda variant: variant == "EMAVQ",
+    vector_codebook=lambda variant: variant != "Gumbel",
     tiny_config=_tiny_config,
 )
 def build_taming_vqgan(cfg) -> TamingVQGAN:

@@ -43,7 +43,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from adapters.contract import Tokenizer
+from adapters.contract import Tokenizer, encode_in_chunks
 from adapters.distributed import all_reduce_sum_
 from adapters.ema_quantizer import ema_step_, pick_code_vectors
 from adapters.registry import (IMAGE_CHANNELS, MAX_BLOCKS, MAX_CODES, MAX_WIDTH, LossFamilySpec, check_model_args,
@@ -306,6 +306,28 @@ class VQVAE2(Tokenizer):
             self.train(was_training)
         return int(flat_t.shape[0]), int(flat_b.shape[0])
 
+    def codebook_vectors(self, images: torch.Tensor, batch_size: int = 16) -> Tuple[torch.Tensor, torch.Tensor]:
+        """``(top, bottom)`` code-space vectors of ``images``: ``quantize_conv_t`` outputs, and
+        ``quantize_conv_b`` outputs computed with the current top codes (what training feeds it)."""
+        def both(x):
+            enc_b = self.enc_b(x)
+            top = self.quantize_conv_t(self.enc_t(enc_b)).permute(0, 2, 3, 1)
+            quant_t = self.quantize_t(top)[0].permute(0, 3, 1, 2)
+            bottom = self.quantize_conv_b(torch.cat([self.dec_t(quant_t), enc_b], 1)).permute(0, 2, 3, 1)
+            return top.reshape(-1, self.embed_dim).float(), bottom.reshape(-1, self.embed_dim).float()
+        chunks = encode_in_chunks(self, both, images, batch_size)
+        return torch.cat([t for t, _ in chunks]), torch.cat([b for _, b in chunks])
+
+    @torch.no_grad()
+    def set_codes(self, index: int, ids: torch.Tensor, vectors: torch.Tensor) -> List[torch.Tensor]:
+        """Codes ``ids`` of level ``index`` (0 top, 1 bottom) become ``vectors``, counted once."""
+        q = (self.quantize_t, self.quantize_b)[index]
+        columns = vectors.to(q.embed).t()
+        q.embed[:, ids] = columns
+        q.embed_avg[:, ids] = columns
+        q.cluster_size[ids] = 1.0
+        return [q.embed, q.embed_avg, q.cluster_size]
+
     def get_last_layer(self) -> torch.Tensor:
         """Weight of the decoder's final transposed conv (for the adaptive GAN weight)."""
         return self.dec.blocks[-1].weight
@@ -393,6 +415,7 @@ def _tiny_config() -> Dict[str, Any]:
     rules=vqvae2_rules,
     codebooks=lambda variant: ("top", "bottom"),
     ema_codebook=lambda variant: True,
+    vector_codebook=lambda variant: True,
     tiny_config=_tiny_config,
     mismatch_hint="VQ-VAE-2's codebooks are always EMA",
 )

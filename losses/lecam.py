@@ -56,10 +56,12 @@ class LeCAM(nn.Module):
 
     def anchors(self) -> torch.Tensor:
         """``(a_R, a_F)``: the zero-debiased averages (0 before the first update)."""
-        if int(self.count) == 0:
-            return torch.zeros(2, dtype=torch.float64, device=self.ema_real.device)
-        debias = 1.0 - self.decay ** int(self.count)
-        return torch.stack([self.ema_real, self.ema_fake]) / debias
+        # On the device, without reading the count back (no host sync per step; the memory
+        # estimate runs this on meta tensors).
+        count = self.count.to(torch.float64)
+        debias = 1.0 - torch.full_like(count, self.decay).pow(count)
+        averages = torch.stack([self.ema_real, self.ema_fake])
+        return torch.where(count > 0, averages / debias.clamp_min(1e-300), torch.zeros_like(averages))
 
     def penalty(self, logits_real: torch.Tensor, logits_fake: torch.Tensor) -> torch.Tensor:
         """R_LC against the current anchors (unweighted)."""

@@ -17,6 +17,7 @@ loader, :func:`train.safe_load.load_weights_file`, reads it)::
      "discriminator"?}, "scalers": {...}, "rng": {python, numpy, torch, cuda},
      "data": {"next_step", "images_per_step", "seed"}, "counters": {...},
      "world_size", "config": resolved YAML text,
+     "model_ema"?: {decay, num_updates, shadows} (train.ema_decay), "dead_codes"?: {usage.N},
      "checksums": {"algorithm": "crc32", "tensors": {"model/encoder.conv_in.weight": "1a2b3c4d", ...}}}
 
 ``checksums`` (format version 2) covers every tensor in the file, by its path through the
@@ -52,6 +53,7 @@ from adapters.distributed import is_distributed
 from adapters.weights import load_model_weights
 from train import atomic
 from train.errors import TrainingStopped, UserError
+from train.weight_ema import PREFIX as EMA_PREFIX
 from train.safe_load import UnreadableFile, load_weights_file
 
 FORMAT = "vqtok-train-state"
@@ -135,6 +137,8 @@ def training_state(run) -> Dict[str, Any]:
         "counters": {"bad_steps": run.guard.total, "skipped_images": run.skipped_images},
         "world_size": run.world,
         "config": OmegaConf.to_yaml(run.cfg, resolve=True),
+        # opt-ins' running state: "model_ema" (train.ema_decay), "dead_codes" (usage); absent when off
+        **run.optins.state_dict(),
     }
 
 
@@ -157,6 +161,9 @@ def save(run, keep: bool = False) -> None:
                 else "no checkpoint was written")
         raise TrainingStopped(f"not saving step {run.step}: non-finite values in {', '.join(broken[:3])}; "
                               f"{kept}")
+    if run.optins.ema is not None:
+        # last.safetensors: the weights and latent-diffusion's model_ema.* buffers beside them
+        weights = {**weights, **run.optins.ema.prefixed_state()}
     # Each rank's random state (dropout, Gumbel noise differ per rank), so that a
     # multi-process resume continues every rank's own stream.
     rng = capture_rng()
@@ -196,7 +203,8 @@ def write_checkpoint(folder: str, state: Dict[str, Any], rng_per_rank: List[Any]
         raise atomic.write_error(folder, exc) from None
     atomic.save_torch(state, os.path.join(folder, LAST))
     # The model tensors' bytes are the same in both files, so are their checksums.
-    weight_sums = {k: sums[f"model/{k}"] for k in weights}
+    weight_sums = {k: sums[f"model_ema/{k[len(EMA_PREFIX):]}" if k.startswith(EMA_PREFIX) else f"model/{k}"]
+                   for k in weights}
     atomic.save_safetensors(weights, os.path.join(folder, LAST_WEIGHTS),
                             metadata={"global_step": str(step), "model_type": model_type,
                                       "checksum_algorithm": atomic.CHECKSUM, "checksums": json.dumps(weight_sums)})
@@ -226,6 +234,9 @@ def restore(run, source) -> None:
     unused = sorted(set(running) - set(run.calc.running_state()))
     if unused:
         run.notes.append(f"the checkpoint's loss state {', '.join(unused)} is not used (lecam_weight is 0 now)")
+
+    # model_ema / dead_codes: the trainer hands them to its opt-ins once they are built
+    run.restored_optins = {k: state.get(k) for k in ("model_ema", "dead_codes")}
 
     opts = state.get("optimizers") or {}
     for side in (run.gen, run.disc):
@@ -401,6 +412,8 @@ _FIELDS: Dict[str, Tuple[Callable[[Any], Any], str, bool]] = {
     "counters": (*_counts(("bad_steps", "skipped_images")), False),
     "world_size": (lambda v: v is None or (_is_int(v) and v >= 1), "a whole number >= 1", False),
     "config": (lambda v: v is None or isinstance(v, str), "the resolved config as YAML text", False),
+    "model_ema": (lambda v: v is None or _tensor_dict(v), "a dict of EMA buffer names to tensors", False),
+    "dead_codes": (lambda v: v is None or _tensor_dict(v), "a dict of usage.N names to tensors", False),
     "checksums": (lambda v: v is None or (isinstance(v, dict) and isinstance(v.get("algorithm"), str) and
                                           isinstance(v.get("tensors"), dict)),
                   "a dict with algorithm and tensors", False),

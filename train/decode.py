@@ -34,6 +34,7 @@ from train.cli import CommandParser, check_out_path, parse_device, positive_int
 from train.encode import (IMAGES, INDEX, VERSION, code_grids, default_device, load_tokenizer, read_json,
                           sha256_file, weights_digest)
 from train.errors import UserError
+from train.weight_ema import WEIGHT_CHOICES
 
 DEFAULT_BATCH = 16
 
@@ -159,13 +160,14 @@ def png_name(n: int, path: str, total: int) -> str:
 
 @torch.no_grad()
 def decode(source: str, codes_dir: str, out: str, images: Optional[str] = None, batch_size: Optional[int] = None,
-           overrides: Sequence[str] = (), device: Optional[str] = None, quiet: bool = False) -> Dict[str, Any]:
+           overrides: Sequence[str] = (), device: Optional[str] = None, quiet: bool = False,
+           weights: Optional[str] = None) -> Dict[str, Any]:
     """Decode ``codes_dir`` into PNGs in ``out`` (see the module docstring); returns a report."""
     from PIL import Image
 
     index, rows = read_index(codes_dir)
     chosen = pick_rows(rows, images)
-    model, cfg, src, step = load_tokenizer(source, overrides, "decode")
+    model, cfg, src, step = load_tokenizer(source, overrides, "decode", weights)
     digest = weights_digest(model)
     dev = default_device(device, "decode")
     model.to(dev)
@@ -214,6 +216,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--images", help="only these images: paths as in images.csv or file names, comma-separated")
     p.add_argument("--batch-size", type=positive_int, help=f"code maps per decoder forward (default {DEFAULT_BATCH})")
     p.add_argument("--device", help="cpu, cuda, cuda:1 ... (default: cuda when available)")
+    p.add_argument("--weights", choices=WEIGHT_CHOICES,
+                   help="ema | raw, as encode took (default: ema when present, as encode)")
     return p
 
 
@@ -228,7 +232,7 @@ def cli_main(argv: List[str]) -> int:
         parse_device(args.device, "decode")
     check_out_path(args.out, "folder", "decode")
     decode(positional[0], positional[1], args.out, images=args.images, batch_size=args.batch_size,
-           overrides=overrides, device=args.device)
+           overrides=overrides, device=args.device, weights=args.weights)
     return 0
 
 

@@ -61,6 +61,7 @@ import torch
 from train import atomic
 from train.cli import CommandParser, check_out_path, parse_device, positive_int
 from train.errors import UserError
+from train.weight_ema import WEIGHT_CHOICES
 
 FORMAT = "vqtok-codes"
 VERSION = 1
@@ -121,8 +122,9 @@ def _for_command(message: str, command: str) -> str:
     return message.replace("and evaluate its output folder", f"and {command} its output folder")
 
 
-def load_tokenizer(source: str, overrides: Sequence[str], command: str):
-    """``(model in eval mode, cfg, Source, step)`` for ``source``, as ``eval`` loads it."""
+def load_tokenizer(source: str, overrides: Sequence[str], command: str, weights: Optional[str] = None):
+    """``(model in eval mode, cfg, Source, step)`` for ``source``, as ``eval`` loads it
+    (``weights``: ema | raw | None = the weight EMA when the source has one)."""
     from adapters import build_model
     from adapters.weights import load_model_weights
     from train.evaluate import load_source
@@ -130,7 +132,7 @@ def load_tokenizer(source: str, overrides: Sequence[str], command: str):
 
     src = locate(source, f"{command}:")
     try:
-        cfg, state_dict, step = load_source(src, overrides)
+        cfg, state_dict, step, used = load_source(src, overrides, weights, command)
     except UserError as exc:
         raise UserError(_for_command(str(exc), command)) from None
     try:
@@ -141,6 +143,7 @@ def load_tokenizer(source: str, overrides: Sequence[str], command: str):
     load_model_weights(model, state_dict, strict=True, source=src.weights)
     if step is not None:
         model.before_step(step)   # GumbelVQ's temperature at that step (codes are its argmax)
+    model.weights_used = used
     return model.eval(), cfg, src, step
 
 
@@ -484,7 +487,7 @@ def encode_shards(model, paths: Sequence[str], pending: Sequence[int], out: str,
 
 def encode(source: str, data: str, out: str, batch_size: Optional[int] = None, shard_size: int = DEFAULT_SHARD_SIZE,
            overrides: Sequence[str] = (), device: Optional[str] = None, overwrite: bool = False,
-           num_workers: Optional[int] = None, quiet: bool = False) -> Dict[str, Any]:
+           num_workers: Optional[int] = None, quiet: bool = False, weights: Optional[str] = None) -> Dict[str, Any]:
     """Encode ``data`` with ``source`` into ``out`` (see the module docstring); returns a
     report (the index plus what this run did).  Under torchrun every rank calls it."""
     from train.launch import init_distributed
@@ -499,7 +502,7 @@ def encode(source: str, data: str, out: str, batch_size: Optional[int] = None, s
             print(text, flush=True)
 
     out = os.path.abspath(out)
-    model, cfg, src, step = load_tokenizer(source, overrides, "encode")
+    model, cfg, src, step = load_tokenizer(source, overrides, "encode", weights)
     size, max_pixels = int(cfg.data.image_size), int(cfg.data.max_image_pixels)
     paths, data_source = image_list(data, size, max_pixels)
     dev = default_device(device, "encode")
@@ -512,7 +515,7 @@ def encode(source: str, data: str, out: str, batch_size: Optional[int] = None, s
     plan = {"format": FORMAT, "version": VERSION,
             "model": {"source": os.path.abspath(src.path), "kind": src.kind, "weights": os.path.abspath(src.weights),
                       "step": step, "model_type": cfg.model_type, "model_variant": cfg.model_variant,
-                      "weights_sha256": digest_w},
+                      "weights_sha256": digest_w, "weights_used": model.weights_used},
             "data": {"source": data_source, "image_size": size, "preprocessing": PREPROCESSING.format(size=size),
                      "images": len(paths), "max_image_pixels": max_pixels,
                      "paths_sha256": sha256_bytes("\n".join(paths).encode("utf-8", "surrogateescape"))},
@@ -589,6 +592,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--workers", type=int, help="data loading processes (default train.num_workers)")
     p.add_argument("--device", help="cpu, cuda, cuda:1 ... (default: cuda when available)")
     p.add_argument("--overwrite", action="store_true", help="replace the codes an earlier encode left in --out")
+    p.add_argument("--weights", choices=WEIGHT_CHOICES,
+                   help="ema: the weight EMA (train.ema_decay), raw: the trained weights (default: ema when present)")
     return p
 
 
@@ -606,7 +611,8 @@ def cli_main(argv: List[str]) -> int:
         raise UserError(f"encode: --workers {args.workers} must be >= 0")
     check_out_path(args.out, "folder", "encode")
     encode(sources[0], args.data, args.out, batch_size=args.batch_size, shard_size=args.shard_size,
-           overrides=overrides, device=args.device, overwrite=args.overwrite, num_workers=args.workers)
+           overrides=overrides, device=args.device, overwrite=args.overwrite, num_workers=args.workers,
+           weights=args.weights)
     return 0
 
 

@@ -61,6 +61,7 @@ from train.checkpoint import LAST_WEIGHTS
 from train.errors import UserError
 from train.usage import add_codes_, codebook_stats
 from train.sources import Source, locate, read_state
+from train.weight_ema import WEIGHT_CHOICES
 
 # Crops of the built-in photographs when --num-images is not given (the demo's count).
 BUILTIN_CROPS = 16
@@ -102,9 +103,13 @@ def reconstruct_with_codes(model, x: torch.Tensor) -> Tuple[torch.Tensor, List[t
 # ----------------------------------------------------------------------------------------
 # What SOURCE names
 
-def load_source(source: Source, overrides: Sequence[str] = ()) -> Tuple[Any, Dict[str, torch.Tensor], Optional[int]]:
-    """``(cfg, model state dict, step)`` for ``source`` (see the module docstring)."""
+def load_source(source: Source, overrides: Sequence[str] = (), weights: Optional[str] = None,
+                command: str = "eval") -> Tuple[Any, Dict[str, torch.Tensor], Optional[int], str]:
+    """``(cfg, model state dict, step, "ema" | "raw")`` for ``source`` (see the module
+    docstring).  ``weights``: ``ema`` (the generator's weight EMA, ``train.ema_decay``),
+    ``raw``, or None: ``ema`` when the source has it (``train/weight_ema.py``)."""
     from train.run_config import load_run_config, load_stored_config
+    from train.weight_ema import choose_weights
 
     if source.weights.endswith(".safetensors") and source.config_path is None:
         if source.kind == "migrated":
@@ -132,7 +137,8 @@ def load_source(source: Source, overrides: Sequence[str] = ()) -> Tuple[Any, Dic
     else:
         raise UserError(f"eval: {source.weights} holds no config and no config.yaml is next to it; "
                         "name the run folder instead")
-    return cfg, state["model"], step
+    model_sd, used = choose_weights(state["model"], state.get("model_ema"), weights, command)
+    return cfg, model_sd, step, used
 
 
 # ----------------------------------------------------------------------------------------
@@ -328,14 +334,15 @@ def run_model(model, batches: Iterable[Dict[str, torch.Tensor]], device: torch.d
 
 def evaluate(source: str, data: Optional[str] = None, split: str = "val", num_images: Optional[int] = None,
              batch_size: Optional[int] = None, overrides: Sequence[str] = (), vgg: Optional[str] = None,
-             lpips: bool = True, seed: int = EVAL_SEED, device: Optional[str] = None) -> Dict[str, Any]:
+             lpips: bool = True, seed: int = EVAL_SEED, device: Optional[str] = None,
+             weights: Optional[str] = None) -> Dict[str, Any]:
     """Evaluate ``source`` (see the module docstring); returns the report as a plain dict."""
     from adapters import build_model
     from adapters.weights import load_model_weights
 
     started = time.time()
     src = locate(source, "eval:")
-    cfg, state_dict, step = load_source(src, overrides)
+    cfg, state_dict, step, weights_used = load_source(src, overrides, weights)
     spec, data_note = eval_data(cfg, data, split)
     indices, count_note = eval_indices(spec, num_images, seed)
     bs = int(batch_size or cfg.train.batch_size)
@@ -368,7 +375,7 @@ def evaluate(source: str, data: Optional[str] = None, split: str = "val", num_im
     if spec.unreadable:
         notes.append(f"{len(spec.unreadable)} unreadable file(s) left out (e.g. {spec.unreadable[0]})")
     report = {
-        "source": source, "kind": src.kind, "weights": src.weights, "step": step,
+        "source": source, "kind": src.kind, "weights": src.weights, "weights_used": weights_used, "step": step,
         "model_type": cfg.model_type, "model_variant": cfg.model_variant,
         "data": spec.source, "split": "train" if data_note or split == "train" else "val",
         "image_size": int(spec.image_size), "crops": "random (seeded)" if spec.random_crop else "centre",
@@ -403,7 +410,8 @@ def _json_safe(value):
 def format_report(r: Dict[str, Any]) -> str:
     variant = f" {r['model_variant']}" if r.get("model_variant") else ""
     step = f", step {r['step']}" if r.get("step") is not None else ""
-    lines = [f"eval: {r['source']} ({r['model_type']}{variant}{step})",
+    ema = ", EMA weights" if r.get("weights_used") == "ema" else ""
+    lines = [f"eval: {r['source']} ({r['model_type']}{variant}{step}{ema})",
              f"  data        {r['data']}, split {r['split']}: {r['num_images']} {r['crops']} crops of "
              f"{r['image_size']} px (seed {r['seed']}, {r['device']})",
              f"  PSNR        {r['psnr']:.2f} dB",
@@ -457,6 +465,8 @@ def build_parser() -> argparse.ArgumentParser:
                                  "or the torch hub cache)")
     p.add_argument("--no-lpips", action="store_true", help="do not compute LPIPS")
     p.add_argument("--device", help="cpu, cuda, cuda:1 ... (default: cuda when available)")
+    p.add_argument("--weights", choices=WEIGHT_CHOICES,
+                   help="ema: the weight EMA (train.ema_decay), raw: the trained weights (default: ema when present)")
     p.add_argument("--json", action="store_true", help="print the report as JSON")
     p.add_argument("--out", help="also write the JSON report to this file")
     return p
@@ -478,7 +488,7 @@ def cli_main(argv: List[str]) -> int:
 
     report = evaluate(sources[0], data=args.data, split=args.split, num_images=args.num_images,
                       batch_size=args.batch_size, overrides=overrides, vgg=args.vgg, lpips=not args.no_lpips,
-                      seed=args.seed, device=args.device)
+                      seed=args.seed, device=args.device, weights=args.weights)
     if args.out:
         write_json(report, args.out)
     if args.json:

@@ -63,6 +63,23 @@ class TrainSection:
     # upstream's N(0, 1) codes with zero counts (which collapse to a few codes on real
     # images).  False keeps upstream's start.
     init_codebook_from_data: bool = False
+    # Codebooks of code vectors (EMA ones and taming's VectorQuantizer2): on a fresh start,
+    # k-means on encoder outputs of the run's first training crops -- the data start's draw,
+    # then this many Lloyd iterations (VQGAN-LC, BEiT v2).  0 = off.
+    init_codebook_kmeans_iters: int = 0
+    # Restart codes whose usage (an EMA, decay 0.99, of how often per optimizer step the code
+    # is picked, summed over ranks) is below this: they become encoder outputs of the step's
+    # batch, their EMA statistics reset.  None = off.  Checked every dead_code_every steps.
+    dead_code_threshold: Optional[float] = None
+    dead_code_every: int = 100
+    # Keep an EMA of the generator's weights (latent-diffusion's LitEma layout, model_ema.*);
+    # eval / encode use it when present.  In (0, 1), e.g. 0.999; None = off.
+    ema_decay: Optional[float] = None
+    # Learning rate by step, for both optimizers: linear warmup over warmup_steps, then
+    # constant or cosine down to min_lr_ratio x the learning rate at max_steps.
+    lr_schedule: str = "constant"
+    warmup_steps: int = 0
+    min_lr_ratio: float = 0.0
     # Print / TensorBoard scalars every N steps.
     log_every: int = 10
     # Write an input/reconstruction PNG grid every N steps.

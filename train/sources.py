@@ -165,7 +165,11 @@ def read_state(source: Source) -> Dict[str, Any]:
     if source.kind == "migrated":
         return load_migrated(source.path)
     if source.weights.endswith(".safetensors"):
-        return {"format": FORMAT, "version": VERSION, "model": read_weights(source.weights),
+        from train.weight_ema import split_ema
+
+        # a run's last.safetensors holds the weight EMA (train.ema_decay) as model_ema.* keys
+        model, ema = split_ema(read_weights(source.weights))
+        return {"format": FORMAT, "version": VERSION, "model": model, "model_ema": ema or None,
                 "global_step": safetensors_step(source.weights), "epoch": None, "optimizers": {}}
     return load_state(source.weights)
 

@@ -61,6 +61,7 @@ from train.run_folder import WRITTEN_FOLDERS, open_run_folder
 from train.shards import ShardSpec, make_shard_loader
 from train.sides import Side, autocast, each, make_sides
 from train.step_guard import StepGuard
+from train.step_optins import StepOptIns
 from train.validate import train_value_findings
 from train.sources import Source
 
@@ -161,13 +162,20 @@ class Trainer:
         if self.max_steps is None and t.max_epochs is not None:
             self.max_steps = steps_for_epochs(t.max_epochs, data.n_images, self.images_per_step)
         self.step, self.skipped_images, self.resumed_from = 0, 0, None
+        self.restored_optins: Dict[str, object] = {}
         if resume is not None:
             ckpt.restore(self, resume)
         # A fresh start only: a resumed run's codebook is the checkpoint's.  It runs before
         # the per-rank reseed below and draws from no global RNG, so resuming stays exact.
         self.codebook_init: Optional[Dict[str, object]] = None
-        if t.init_codebook_from_data and resume is None:
+        if (t.init_codebook_from_data or t.init_codebook_kmeans_iters) and resume is None:
             self.codebook_init = init_codebook_from_data(self.model, cfg, data)
+        # LR schedule, weight EMA, dead-code restart (each None when off); built after the
+        # codebook start, so the EMA shadows start from the weights training starts from.
+        self.optins = StepOptIns(self.model, t, self.lr, self.max_steps, [s.optimizer for s in self.sides],
+                                 self.device)
+        if resume is not None:
+            self.optins.load_state_dict(self.restored_optins, self.notes)
         # Dropout / Gumbel noise differ per rank from here on; restored RNG states win on resume.
         if resume is None or not resume.train_state:
             seed_everything(t.seed + 1000 * self.rank + self.step)
@@ -231,6 +239,7 @@ class Trainer:
             while self.max_steps is None or self.step < self.max_steps:
                 step = self.step
                 scalars = self.model.before_step(step)     # e.g. GumbelVQ's temperature
+                scalars.update(self.optins.before_step(step))   # the learning rate, when scheduled
                 update_disc = self.disc is not None and self.calc.should_update_discriminator(step)
                 stepping = [self.gen, self.disc] if update_disc else [self.gen]
                 self.guard.snapshot()
@@ -238,12 +247,13 @@ class Trainer:
                     side.zero_grad()
 
                 # ---- forward / backward over the micro-batches ------------------------
-                bad, out, step_logs = False, None, []
+                bad, out, step_logs, images = False, None, [], None
                 for micro in range(accumulate):
                     batch = next(batches)
                     if bad:
                         continue        # drain the step's batches so the data stays aligned
                     batch = self._prepare(batch, step)
+                    images = batch["image"]
                     with self._sync_gradients(micro == accumulate - 1):
                         with autocast(self.precision, self.device):
                             out = self.calc.generator_step(self.net, batch, step)
@@ -261,6 +271,7 @@ class Trainer:
                         step_logs.append(d_log)
                     step_logs.append(out.log)
                     metrics.codes.add(out.codes)
+                    self.optins.observe(out.codes)
 
                 # ---- optimizer steps (or undo the step) ---------------------------------
                 norms = {} if bad else {f"grad_norm/{s.name}": s.unscale_and_clip() for s in stepping}
@@ -278,6 +289,8 @@ class Trainer:
                         side.step()
                     metrics.add_step(step_logs, norms)
                 self.step += 1
+                # weight EMA, dead-code restarts (after the optimizer steps; nothing when off)
+                self.optins.after_step(self.step, bad, images)
 
                 # ---- logs, images, checkpoints, stop requests ---------------------------
                 finished = self.max_steps is not None and self.step >= self.max_steps
@@ -353,7 +366,9 @@ class Trainer:
             log.message(f"resumed from {self.resumed_from} at step {self.step}")
         if self.codebook_init:
             init = self.codebook_init
-            log.message(f"codebook initialised from data (train.init_codebook_from_data): "
+            how = (f"k-means, {init['kmeans_iters']} Lloyd iterations (train.init_codebook_kmeans_iters)"
+                   if init.get("kmeans_iters") else "train.init_codebook_from_data")
+            log.message(f"codebook initialised from data ({how}): "
                         f"{' + '.join(map(str, init['codes']))} codes from "
                         f"{' + '.join(map(str, init['vectors']))} encoder outputs of the first {init['crops']} "
                         "training crops, each counted once")

@@ -352,8 +352,10 @@ def number_in(value) -> Optional[float]:
 def train_value_findings(cfg) -> List[Finding]:
     """:func:`rule_train_values` on a typed config (the trainer runs the same rules)."""
     out: List[Finding] = []
-    rule_train_values(config_data(cfg), out)
-    rule_learning_rate(config_data(cfg), out)
+    data = config_data(cfg)
+    rule_train_values(data, out)
+    rule_learning_rate(data, out)
+    rule_optins(data, *_spec_and_variant(data), out)
     return out
 
 
@@ -374,6 +376,84 @@ def rule_codebook_init(data: Dict[str, Any], spec, variant: Optional[str], out: 
                            "init_codebook_from_data would replace the codebook loaded from model_args.ckpt_path",
                            "set train.init_codebook_from_data: false to keep the loaded codebook",
                            [(path, False)]))
+
+
+def rule_optins(data: Dict[str, Any], spec, variant: Optional[str], out: List[Finding]) -> None:
+    """The training opt-ins (``train/step_optins.py``, ``train/codebook_init.py``): values in
+    range, a schedule the run can follow, and a model whose codebook they can act on."""
+    from train.lr_schedule import SCHEDULES
+
+    train = data.get("train") or {}
+    if not isinstance(train, dict):
+        return
+
+    def bad(key, message, fix, code="bad_value"):
+        out.append(Finding(ERROR, f"train.{key}", code, f"train.{key} is {train[key]!r}: {message}", fix,
+                           [(f"train.{key}", DELETE)]))
+
+    def number(key):
+        value = number_in(train.get(key))
+        return None if value is None else float(value)
+
+    iters = train.get("init_codebook_kmeans_iters")
+    if is_int(iters) and iters < 0:
+        bad("init_codebook_kmeans_iters", "it must be >= 0", "write init_codebook_kmeans_iters: 10 (or 0: off)")
+    threshold = number("dead_code_threshold")
+    if threshold is not None and not (math.isfinite(threshold) and threshold >= 0):
+        bad("dead_code_threshold", "a usage threshold must be a number >= 0",
+            "write e.g. dead_code_threshold: 0.05 (picks per step), or null (off)")
+    every = train.get("dead_code_every")
+    if is_int(every) and every < 1:
+        bad("dead_code_every", "it must be >= 1", "write e.g. dead_code_every: 100")
+    decay = number("ema_decay")
+    if decay is not None and not (math.isfinite(decay) and 0 < decay < 1):
+        bad("ema_decay", "an EMA decay must lie strictly between 0 and 1",
+            "write e.g. ema_decay: 0.999, or null (off)")
+    schedule = train.get("lr_schedule")
+    if isinstance(schedule, str) and schedule not in SCHEDULES:
+        bad("lr_schedule", f"unknown schedule; valid choices: {', '.join(SCHEDULES)}",
+            f"write lr_schedule: {near(schedule, SCHEDULES) or 'constant'}")
+    ratio = number("min_lr_ratio")
+    if ratio is not None and not (math.isfinite(ratio) and 0 <= ratio <= 1):
+        bad("min_lr_ratio", "it is a fraction of the learning rate, in [0, 1]", "write e.g. min_lr_ratio: 0.1")
+    warmup, max_steps = train.get("warmup_steps"), train.get("max_steps")
+    if is_int(warmup) and warmup < 0:
+        bad("warmup_steps", "it must be >= 0", "write e.g. warmup_steps: 500, or 0 (none)")
+    elif is_int(warmup) and is_int(max_steps) and warmup > max_steps:
+        bad("warmup_steps", f"the warmup is longer than the run (train.max_steps {max_steps}): the learning "
+            "rate would never reach its peak", f"write a warmup_steps of at most {max_steps} (e.g. "
+            f"{max(max_steps // 20, 1)}), or raise max_steps", "warmup_longer_than_run")
+    if schedule == "cosine" and max_steps is None and train.get("max_epochs") is None:
+        out.append(Finding(ERROR, "train.lr_schedule", "schedule_needs_length",
+                           "train.lr_schedule is 'cosine': the cosine ends at train.max_steps, and the run has no "
+                           "max_steps (or max_epochs)", "set train.max_steps (e.g. max_steps: 20000), or "
+                           "lr_schedule: constant", [("train.lr_schedule", DELETE)]))
+    if spec is None or variant is None and spec.variants:
+        return
+    for key, on in (("init_codebook_kmeans_iters", is_int(iters) and iters > 0),
+                    ("dead_code_threshold", threshold is not None)):
+        if on and not spec.vector_codebook(variant):
+            able = [v for v in spec.variants if spec.vector_codebook(v)]
+            out.append(Finding(ERROR, f"train.{key}", "optin_needs_code_vectors",
+                               f"train.{key} starts or restarts code vectors from encoder outputs; {spec.name}"
+                               f"{' ' + variant if variant else ''} has no such codebook",
+                               f"remove train.{key}" + (f" (or use model_variant: {able[0]})" if able else ""),
+                               [(f"train.{key}", DELETE)]))
+    if is_int(iters) and iters > 0 and (data.get("model_args") or {}).get("ckpt_path"):
+        out.append(Finding(ERROR, "train.init_codebook_kmeans_iters", "codebook_init_overwrites_weights",
+                           "init_codebook_kmeans_iters would replace the codebook loaded from model_args.ckpt_path",
+                           "set train.init_codebook_kmeans_iters: 0 to keep the loaded codebook",
+                           [("train.init_codebook_kmeans_iters", DELETE)]))
+
+
+def _spec_and_variant(data: Dict[str, Any]):
+    """The registry entry and variant a typed config names, or (None, None) when unknown."""
+    try:
+        spec = registry.get_model_type(str(data.get("model_type")))
+    except (KeyError, ValueError, UserError):
+        return None, None
+    variant = data.get("model_variant") or spec.default_variant
+    return spec, (variant if variant in spec.variants else None)
 
 
 def rule_crop_size(data: Dict[str, Any], out: List[Finding]) -> None:
@@ -424,6 +504,7 @@ def collect(norm: Normalized) -> List[Finding]:
     if spec is not None:      # only a model this tool trains needs a learning rate
         rule_learning_rate(data, out)
     rule_codebook_init(data, spec, variant, out)
+    rule_optins(data, spec, variant or (spec.default_variant if spec is not None else None), out)
     rule_extras(norm, out)
     return sorted(out, key=lambda f: LEVEL_ORDER[f.level])
 
