@@ -11,6 +11,8 @@ this once per session (fixture ``torchrun_jobs``) and the tests read what each j
   3 steps; each rank writes ``rank{r}.pt`` (its model and discriminator tensors, sha256
   digests, its first sample numbers) and ``rank{r}.log`` (what it printed);
 * ``codebook_init``: the same with ``train.init_codebook_from_data`` on a 64-code EMAVQ;
+* ``optins``: the training opt-ins (k-means start, dead-code restarts, weight EMA, cosine
+  schedule) on a plain-VQ TamingVQGAN, 3 steps; ``optins.pt`` holds rank 0's opt-in state;
 * ``ema``: the EMA quantizer alone and inside a DDP model, on different data per rank;
 * ``vqvae2_codebooks``: vqvae2's two EMA codebooks on different data per rank;
 * ``encode``: ``python -m train encode``'s code path on a tiny vqvae2, 5 shards over 2
@@ -88,6 +90,25 @@ def codebook_init_job(out_dir: str) -> None:
     config = tiny_config(folder, use_gan=False) if dist.get_rank() == 0 else os.path.join(folder, "tiny.json")
     dist.barrier()
     fit_job(folder, config, "--max-steps", "2", "train.init_codebook_from_data=true")
+    dist.barrier()
+
+
+def optins_job(out_dir: str) -> None:
+    """k-means start, dead-code restarts every step, weight EMA and a cosine schedule on a
+    plain-VQ TamingVQGAN (its codebook a parameter), 3 steps."""
+    from tests.test_fit import tiny_config
+
+    folder = os.path.join(out_dir, "optins")
+    os.makedirs(folder, exist_ok=True)
+    config = tiny_config(folder, variant="VQ", use_gan=False) if dist.get_rank() == 0 else \
+        os.path.join(folder, "tiny.json")
+    dist.barrier()
+    fit_job(folder, config, "--max-steps", "3", "train.init_codebook_kmeans_iters=3", "train.dead_code_threshold=1.0",
+            "train.dead_code_every=1", "train.ema_decay=0.9", "train.lr_schedule=cosine", "train.warmup_steps=1")
+    if dist.get_rank() == 0:
+        state = torch.load(os.path.join(folder, "run", "checkpoints", "last.ckpt"), weights_only=True)
+        torch.save({"model_ema": state["model_ema"], "dead_codes": state["dead_codes"]},
+                   os.path.join(folder, "optins.pt"))
     dist.barrier()
 
 
@@ -238,8 +259,8 @@ def main(out_dir: str) -> None:
     torch.set_num_threads(1)
     dist.init_process_group("gloo")
     done = {}
-    for job in (ema_job, vqvae2_codebooks_job, fit_every_model_type, codebook_init_job, encode_job, refused_job,
-                node_local_job):
+    for job in (ema_job, vqvae2_codebooks_job, fit_every_model_type, codebook_init_job, optins_job, encode_job,
+                refused_job, node_local_job):
         job(out_dir)
         done[job.__name__] = True
     if dist.get_rank() == 0:

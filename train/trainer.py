@@ -290,7 +290,10 @@ class Trainer:
                     metrics.add_step(step_logs, norms)
                 self.step += 1
                 # weight EMA, dead-code restarts (after the optimizer steps; nothing when off)
-                self.optins.after_step(self.step, bad, images)
+                restarted = self.optins.after_step(self.step, bad, images)
+                if restarted:       # every dead_code_every steps at most
+                    log.message(f"step {self.step}: {restarted} dead code(s) restarted from encoder outputs "
+                                "(train.dead_code_threshold)")
 
                 # ---- logs, images, checkpoints, stop requests ---------------------------
                 finished = self.max_steps is not None and self.step >= self.max_steps
