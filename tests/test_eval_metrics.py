@@ -17,6 +17,8 @@ import csv
 import io
 import json
 import os
+import subprocess
+import sys
 
 import numpy as np
 import pytest
@@ -31,7 +33,7 @@ from train.config import load_config, save_config
 from train.fid import FeatureStats, frechet_distance
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-N_IMAGES = 6
+N_IMAGES = 4
 SIZE = 32
 
 
@@ -142,7 +144,8 @@ def one_process(model_folder, photos, inception_file, tmp_path_factory):
         with contextlib.redirect_stdout(stdout), contextlib.redirect_stderr(stderr):
             code = main(["eval", str(model_folder[0]), "--data", str(photos), "--inception", inception_file,
                          "--json", "--out", str(out / "report.json"), "--csv", str(out / "rows.csv"),
-                         "--grid", str(out / "grid.png"), "--save-ref-stats", str(out / "ref.npz"), "--quiet"])
+                         "--grid", str(out / "grid.png"), "--save-ref-stats", str(out / "ref.npz"), "--quiet",
+                         "train.num_workers=0"])
     finally:
         if old is None:
             del os.environ["TORCH_HOME"]
@@ -184,9 +187,8 @@ def test_streaming_statistics_and_distance_match_numpy_and_torch_fidelity():
         FeatureStats(dim=4).mu_sigma()
 
 
-def test_rfid_ssim_psnr_match_the_reference_implementations(one_process, reference, inception_file, capsys):
+def test_rfid_ssim_psnr_match_the_reference_implementations(one_process, reference, inception_file):
     import torch_fidelity
-    from skimage.metrics import structural_similarity
     from torchmetrics.functional.image import structural_similarity_index_measure
 
     report = one_process["report"]
@@ -195,7 +197,7 @@ def test_rfid_ssim_psnr_match_the_reference_implementations(one_process, referen
     # rFID: torch-fidelity on the two PNG folders, same weights file.
     expected = torch_fidelity.calculate_metrics(
         input1=reference["dirs"][0], input2=reference["dirs"][1], fid=True, cuda=False, cache=False,
-        verbose=False, feature_extractor_weights_path=inception_file, batch_size=N_IMAGES,
+        verbose=False, feature_extractor_weights_path=inception_file, batch_size=N_IMAGES, save_cpu_ram=True,
     )["frechet_inception_distance"]
     assert expected > 1e-3            # the two sides differ: the comparison means something
     assert report["rfid"] == pytest.approx(expected, abs=1e-3)
@@ -225,18 +227,84 @@ def test_rfid_ssim_psnr_match_the_reference_implementations(one_process, referen
     grid = Image.open(one_process["dir"] / "grid.png")
     assert grid.size == (2 + N_IMAGES * (SIZE + 2), 2 + 2 * (SIZE + 2))
 
-    # Saved reference statistics: numpy's mean / covariance layout, and the same rFID reused;
-    # with LlamaGen's SSIM convention (scikit-image, data_range 2 on [0, 1] images).
+    # Saved reference statistics: pytorch-fid's layout plus the settings that made them.
     with np.load(one_process["dir"] / "ref.npz") as ref:
         assert ref["mu"].shape == (2048,) and ref["sigma"].shape == (2048, 2048)
-        assert str(ref["meta_image_size"]) == str(SIZE)
-    code, out, err = run_cli(["eval", one_process["model"], "--data", one_process["photos"], "--inception", inception_file,
-                              "--ref-stats", str(one_process["dir"] / "ref.npz"), "--ssim-data-range", "2",
-                              "--json", "--quiet"], capsys)
-    assert code == 0, err
-    again = json.loads(out)
-    assert again["rfid"] == pytest.approx(report["rfid"], rel=1e-9, abs=1e-9)
-    llamagen = [structural_similarity(b, a, data_range=2.0, channel_axis=-1)
-                for a, b in zip(x01.permute(0, 2, 3, 1).numpy(), r01.permute(0, 2, 3, 1).numpy())]
-    assert again["ssim"] == pytest.approx(float(np.mean(llamagen)), abs=1e-5)
-    assert again["settings"]["ssim"]["data_range"] == 2 and again["psnr"] == report["psnr"]
+        np.testing.assert_allclose(ref["sigma"], ref["sigma"].T, rtol=0, atol=1e-12)
+        assert str(ref["meta_image_size"]) == str(SIZE) and str(ref["meta_num_images"]) == str(N_IMAGES)
+
+
+def test_torchrun_ranks_give_the_one_process_numbers(one_process, reference, inception_file, tmp_path):
+    """Two gloo processes of the real CLI, 2 images each, reusing the saved real side
+    (--ref-stats) and with LlamaGen's SSIM convention (scikit-image's call)."""
+    from skimage.metrics import structural_similarity
+
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=ROOT, TORCH_HOME=str(tmp_path / "hub"))
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "-m", "train",
+           "eval", one_process["model"], "--data", one_process["photos"], "--inception", inception_file,
+           "--ref-stats", str(one_process["dir"] / "ref.npz"), "--ssim-data-range", "2", "--batch-size", "2",
+           "--out", str(tmp_path / "report.json"), "--csv", str(tmp_path / "rows.csv"), "--quiet",
+           "train.num_workers=0"]
+    proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert proc.stdout.count("rFID ") == 1            # rank 0 alone prints
+    two = json.loads((tmp_path / "report.json").read_text())
+    one = one_process["report"]
+    assert two["num_images"] == one["num_images"] == N_IMAGES
+    assert two["rfid"] == pytest.approx(one["rfid"], abs=1e-3)
+    assert "saved reference statistics" in two["rfid_note"]
+    for key in ("psnr", "mse", "l1"):
+        assert two[key] == pytest.approx(one[key], rel=1e-9)
+    for a, b in zip(two["codebooks"], one["codebooks"]):     # usage over the whole set, both codebooks
+        assert (a["name"], a["used"], a["positions"]) == (b["name"], b["used"], b["positions"])
+        assert a["perplexity"] == pytest.approx(b["perplexity"], rel=1e-9)
+    rows, one_rows = read_rows(tmp_path / "rows.csv"), read_rows(one_process["dir"] / "rows.csv")
+    assert [r["path"] for r in rows] == [r["path"] for r in one_rows]
+    assert [float(r["psnr"]) for r in rows] == pytest.approx([float(r["psnr"]) for r in one_rows], rel=1e-9)
+    x01 = ((reference["x"] + 1) / 2).permute(0, 2, 3, 1).numpy()
+    r01 = ((reference["rec"] + 1) / 2).permute(0, 2, 3, 1).numpy()
+    llamagen = [structural_similarity(b, a, data_range=2.0, channel_axis=-1) for a, b in zip(x01, r01)]
+    np.testing.assert_allclose([float(r["ssim"]) for r in rows], llamagen, rtol=0, atol=1e-5)
+    assert two["settings"]["ssim"]["data_range"] == 2 and "scikit-image" in two["settings"]["ssim"]["implementation"]
+
+
+def write_bad_files(tmp):
+    torch.save([1, 2, 3], tmp / "list.pth")
+    torch.save({"fc.weight": torch.zeros(2, 2)}, tmp / "wrong_keys.pth")
+    (tmp / "junk.pth").write_bytes(b"not a torch file")
+    np.savez(tmp / "no_mu.npz", m=np.zeros(3))
+    np.savez(tmp / "shapes.npz", mu=np.zeros(3), sigma=np.zeros((3, 3)))
+    torch.save({"conv.weight": torch.zeros(1)}, tmp / "not_a_tokenizer.ckpt")
+
+
+@pytest.mark.parametrize("extra, message", [
+    (["--inception", "{tmp}/missing.pth"], "no such file; it should be torch-fidelity's "
+                                           "weights-inception-2015-12-05-6726825d.pth"),
+    (["--save-ref-stats", "{tmp}/ref.npz"], "needs the Inception weights weights-inception-2015-12-05-6726825d.pth"),
+    (["--inception", "{tmp}/list.pth"], "hold a list"),
+    (["--inception", "{tmp}/wrong_keys.pth"], "do not fit torch-fidelity's InceptionV3"),
+    (["--inception", "{tmp}/junk.pth"], "not a readable torch file"),
+    (["--inception", "{tmp}/junk.pth", "--ref-stats", "{tmp}/no_mu.npz"], "no mu/sigma arrays"),
+    (["--inception", "{tmp}/junk.pth", "--ref-stats", "{tmp}/shapes.npz"], "not the Inception pool3 shapes"),
+    (["--inception", "{tmp}/junk.pth", "--ref-stats", "{tmp}/missing.npz"], "--ref-stats"),
+    (["--ref-stats", "{tmp}/a.npz", "--save-ref-stats", "{tmp}/b.npz"], "together"),
+    (["--no-fid", "--inception", "{tmp}/junk.pth"], "--no-fid"),
+    (["--ssim-data-range", "3"], "invalid choice"),
+    (["--csv", "{tmp}"], "--csv"),
+])
+def test_bad_weights_statistics_and_flags_exit_2_writing_nothing(model_folder, photos, tmp_path, capsys,
+                                                                  extra, message):
+    write_bad_files(tmp_path)
+    argv = ["eval", str(model_folder[0]), "--data", str(photos), "--out", str(tmp_path / "out" / "r.json"),
+            "--grid", str(tmp_path / "out" / "g.png"), "train.num_workers=0"] + \
+        [a.replace("{tmp}", str(tmp_path)) for a in extra]
+    code, out, err = run_cli(argv, capsys)
+    lines = [line for line in err.strip().splitlines() if not line.startswith("eval: warning")]
+    assert code == 2 and len(lines) == 1 and lines[0].startswith("error: ") and message in lines[0], err
+    assert not (tmp_path / "out").exists()        # nothing written, not even the folder
+
+
+def test_a_checkpoint_that_is_not_a_tokenizer_is_refused(tmp_path, capsys):
+    write_bad_files(tmp_path)
+    code, _, err = run_cli(["eval", str(tmp_path / "not_a_tokenizer.ckpt"), "--data", "builtin"], capsys)
+    assert code == 2 and len(err.strip().splitlines()) == 1 and "error: " in err

@@ -253,7 +253,10 @@ class RFID:
 
     def finish(self) -> Tuple[float, Optional[Tuple[np.ndarray, np.ndarray]]]:
         """``(rFID, (mu, sigma) of the real side or None)`` over all ranks (a collective);
-        ValueError when fewer than 2 images were seen."""
+        ValueError when fewer than 2 images were seen.  Under torchrun rank 0 computes the
+        distance (an eigendecomposition of a 2048x2048 matrix) and broadcasts it."""
+        from adapters.distributed import is_distributed, rank
+
         self.fake.all_reduce_()
         if self.real is not None:
             self.real.all_reduce_()
@@ -261,7 +264,14 @@ class RFID:
         else:
             real = self.ref
         fake = self.fake.mu_sigma()
-        return frechet_distance(real[0], real[1], fake[0], fake[1]), (real if self.real is not None else None)
+        value = torch.zeros(1, dtype=torch.float64, device=self.fake.sum.device)
+        if rank() == 0:
+            value += frechet_distance(real[0], real[1], fake[0], fake[1])
+        if is_distributed():
+            import torch.distributed as dist
+
+            dist.broadcast(value, src=0)
+        return float(value.item()), (real if self.real is not None else None)
 
 
 # ----------------------------------------------------------------------------------------
