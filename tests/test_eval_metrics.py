@@ -30,7 +30,7 @@ from adapters import build_model, registry
 from train.atomic import save_safetensors
 from train.cli import main
 from train.config import load_config, save_config
-from train.fid import FeatureStats, frechet_distance
+from train.fid import FeatureStats, frechet_distance, random_inception_state
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 N_IMAGES = 4
@@ -41,25 +41,6 @@ def run_cli(argv, capsys):
     code = main(argv)
     out, err = capsys.readouterr()
     return code, out, err
-
-
-def random_inception_state(seed=0):
-    """State dict of torch-fidelity's InceptionV3 with random weights (its layout exactly)."""
-    from torch_fidelity.feature_extractor_inceptionv3 import FeatureExtractorInceptionV3
-
-    class Unloaded(FeatureExtractorInceptionV3):
-        def load_state_dict(self, state_dict, strict=True, assign=False):   # keep the initialisation
-            return None
-
-    empty = io.BytesIO()
-    torch.save({}, empty)
-    empty.seek(0)
-    torch.manual_seed(seed)
-    net = Unloaded("inception-v3-compat", ["2048"], feature_extractor_weights_path=empty)
-    for module in net.modules():
-        if isinstance(module, torch.nn.Conv2d):
-            torch.nn.init.kaiming_normal_(module.weight, nonlinearity="relu")
-    return net.state_dict()
 
 
 @pytest.fixture(scope="module")

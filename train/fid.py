@@ -148,19 +148,38 @@ def load_inception(path: str, device: torch.device) -> Tuple[torch.nn.Module, Di
     return extractor, info
 
 
-def _skeleton_shapes() -> Dict[str, Tuple[int, ...]]:
-    """Key -> shape of the extractor's state dict, read off a weightless skeleton."""
+def _unloaded_extractor() -> torch.nn.Module:
+    """torch-fidelity's InceptionV3 as its constructor initialises it, without weights loaded
+    (it is handed an empty state dict and told to ignore it)."""
 
-    class Skeleton(_extractor_class()):
-        def load_state_dict(self, state_dict, strict=True, assign=False):   # keep the meta tensors
+    class Unloaded(_extractor_class()):
+        def load_state_dict(self, state_dict, strict=True, assign=False):   # keep the initialisation
             return None
 
     empty = io.BytesIO()
     torch.save({}, empty)
     empty.seek(0)
+    return Unloaded("inception-v3-compat", [FEATURES], feature_extractor_weights_path=empty)
+
+
+def _skeleton_shapes() -> Dict[str, Tuple[int, ...]]:
+    """Key -> shape of the extractor's state dict, read off a skeleton on the meta device."""
     with torch.device("meta"):
-        skeleton = Skeleton("inception-v3-compat", [FEATURES], feature_extractor_weights_path=empty)
+        skeleton = _unloaded_extractor()
     return {k: tuple(v.shape) for k, v in skeleton.state_dict().items()}
+
+
+def random_inception_state(seed: int = 0) -> Dict[str, torch.Tensor]:
+    """A state dict of torch-fidelity's InceptionV3 with random weights, for tests and
+    benchmarks only (``eval`` never makes one): Kaiming-normal convolutions (seeded), so the
+    pool features are of order 1 instead of vanishing through 94 layers."""
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        net = _unloaded_extractor()
+        for module in net.modules():
+            if isinstance(module, torch.nn.Conv2d):
+                torch.nn.init.kaiming_normal_(module.weight, nonlinearity="relu")
+    return net.state_dict()
 
 
 def _torch_fidelity_version() -> str:
@@ -315,5 +334,5 @@ def load_ref_stats(path: str) -> Tuple[np.ndarray, np.ndarray, Dict[str, str]]:
 
 
 __all__ = ["INCEPTION_FILE", "INCEPTION_SHA256", "FEATURE_DIM", "hub_inception_path", "find_inception",
-           "load_inception", "file_sha256", "to_uint8", "FeatureStats", "RFID", "frechet_distance", "ref_stats_bytes",
+           "load_inception", "file_sha256", "random_inception_state", "to_uint8", "FeatureStats", "RFID", "frechet_distance", "ref_stats_bytes",
            "load_ref_stats"]
