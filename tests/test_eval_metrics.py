@@ -288,4 +288,5 @@ def test_bad_weights_statistics_and_flags_exit_2_writing_nothing(model_folder, p
 def test_a_checkpoint_that_is_not_a_tokenizer_is_refused(tmp_path, capsys):
     write_bad_files(tmp_path)
     code, _, err = run_cli(["eval", str(tmp_path / "not_a_tokenizer.ckpt"), "--data", "builtin"], capsys)
-    assert code == 2 and len(err.strip().splitlines()) == 1 and "error: " in err
+    assert code == 2 and len(err.strip().splitlines()) == 1
+    assert "not a training checkpoint" in err and "python -m train migrate" in err
