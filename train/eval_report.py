@@ -39,6 +39,11 @@ def _number(value, fmt: str) -> str:
     return "nan" if value is None or not math.isfinite(value) else format(value, fmt)
 
 
+def _value_or_why(label: str, value, note: str) -> str:
+    """A metric that may be skipped: its value and where it came from, or why there is none."""
+    return f"  {label:<11} {value:.4f}  ({note})" if value is not None else f"  {label:<11} {note}"
+
+
 def format_report(r: Dict[str, Any]) -> str:
     variant = f" {r['model_variant']}" if r.get("model_variant") else ""
     step = f", step {r['step']}" if r.get("step") is not None else ""
@@ -47,19 +52,13 @@ def format_report(r: Dict[str, Any]) -> str:
              f"  data        {r['data']}, split {r['split']}: {r['num_images']} {r['crops']} crops of "
              f"{r['image_size']} px (seed {r['seed']}, {r['device']})",
              f"  crops       {s['preprocessing']}"]
-    if r.get("rfid") is not None:
-        lines.append(f"  rFID        {r['rfid']:.4f}  ({r['rfid_note']})")
-    else:
-        lines.append(f"  rFID        {r['rfid_note']}")
+    lines.append(_value_or_why("rFID", r.get("rfid"), r["rfid_note"]))
     lines += [f"  PSNR        {_number(r['psnr'], '.2f')} dB",
               f"  SSIM        {_number(r['ssim'], '.4f')}  (data_range {s['ssim']['data_range']}: "
               f"{s['ssim']['convention']})",
               f"  MSE         {_number(r['mse'], '.6f')}  (pixels in [0, 1])",
               f"  L1          {_number(r['l1'], '.6f')}"]
-    if r.get("lpips") is not None:
-        lines.append(f"  LPIPS       {r['lpips']:.4f}  ({r['lpips_note']})")
-    else:
-        lines.append(f"  LPIPS       {r['lpips_note']}")
+    lines.append(_value_or_why("LPIPS", r.get("lpips"), r["lpips_note"]))
     for cb in r["codebooks"]:
         label = "" if cb["name"] == "codebook" else f"{cb['name']}: "
         lines.append(f"  codebook    {label}{cb['used']} of {cb['codes']} codes used ({100 * cb['usage']:.1f}%), "

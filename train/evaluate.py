@@ -452,7 +452,7 @@ def _rfid_result(rfid, non_finite: int, n_images: int):
     except ValueError as exc:
         return None, f"not computed: {exc}", None
     if non_finite:
-        return None, f"not computed: {non_finite} reconstruction(s) are not finite", None
+        return None, f"not computed: {non_finite} reconstruction(s) are not finite", real_stats
     side = "saved reference statistics" if rfid.real is None else f"{n_images} real crops"
     return value, f"{side} vs {n_images} reconstructions", real_stats
 
@@ -556,6 +556,8 @@ def evaluate(source: str, data: Optional[str] = None, split: str = "val", num_im
         notes.append(f"{len(spec.unreadable)} unreadable file(s) left out (e.g. {spec.unreadable[0]})")
     if inception_settings is not None:
         notes += _ref_stats_notes(inception_settings, int(spec.image_size), preprocess)
+    if save_ref_stats and real_stats is None:
+        notes.append(f"--save-ref-stats {save_ref_stats} not written: {rfid_note}")
     report = {
         "source": source, "kind": src.kind, "weights": src.weights, "step": step,
         "model_type": cfg.model_type, "model_variant": cfg.model_variant,

@@ -79,11 +79,8 @@ def find_inception(path_arg: Optional[str], required: bool) -> Optional[str]:
 
 
 def file_sha256(path: str) -> str:
-    digest = hashlib.sha256()
     with open(path, "rb") as fh:
-        for block in iter(lambda: fh.read(1 << 22), b""):
-            digest.update(block)
-    return digest.hexdigest()
+        return hashlib.file_digest(fh, "sha256").hexdigest()
 
 
 def _extractor_class():
@@ -114,17 +111,11 @@ def load_inception(path: str, device: torch.device) -> Tuple[torch.nn.Module, Di
     expected = _skeleton_shapes()
     missing = sorted(set(expected) - set(state))
     unexpected = sorted(set(state) - set(expected))
-    wrong = sorted(k for k in expected if k in state and tuple(state[k].shape) != expected[k])
-    if missing or unexpected or wrong:
-        parts = []
-        if missing:
-            parts.append(f"{len(missing)} missing (e.g. {missing[0]})")
-        if unexpected:
-            parts.append(f"{len(unexpected)} unexpected (e.g. {unexpected[0]})")
-        if wrong:
-            k = wrong[0]
-            parts.append(f"{len(wrong)} of another shape (e.g. {k}: {tuple(state[k].shape)}, "
-                         f"expected {expected[k]})")
+    wrong = sorted(f"{k}: {tuple(state[k].shape)}, expected {expected[k]}"
+                   for k in expected if k in state and tuple(state[k].shape) != expected[k])
+    parts = [f"{len(keys)} {what} (e.g. {keys[0]})"
+             for what, keys in (("missing", missing), ("unexpected", unexpected), ("of another shape", wrong)) if keys]
+    if parts:
         raise UserError(f"eval: Inception weights {path} do not fit torch-fidelity's InceptionV3: keys "
                         f"{'; '.join(parts)}; {fix}")
     digest = file_sha256(path)
