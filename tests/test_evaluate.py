@@ -11,7 +11,6 @@ import contextlib
 import io
 import json
 import os
-import sys
 
 import numpy as np
 import pytest

@@ -550,6 +550,8 @@ def evaluate(source: str, data: Optional[str] = None, split: str = "val", num_im
     if rfid is not None:
         metrics["rfid"], rfid_note, real_stats = _rfid_result(rfid, metrics["non_finite_images"],
                                                               metrics["num_images"])
+        rfid_note += (f"; Inception {os.path.basename(inception_settings['file'])}"
+                      + ("" if inception_settings["standard"] else " (not the standard file)"))
 
     notes = [n for n in (data_note, count_note) if n]
     if spec.unreadable:
