@@ -28,6 +28,7 @@ import json
 import os
 import pathlib
 import sys
+import types
 
 import torch
 import torch.distributed as dist
@@ -35,6 +36,10 @@ import torch.distributed as dist
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 if ROOT not in sys.path:
     sys.path.insert(0, ROOT)
+# torch-fidelity's wheel installs a top-level ``tests`` package into site-packages; as a
+# regular package it would win over this folder in ``from tests.test_fit import ...``.
+sys.modules["tests"] = types.ModuleType("tests")
+sys.modules["tests"].__path__ = [os.path.join(ROOT, "tests")]
 
 import yaml  # noqa: E402
 

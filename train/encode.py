@@ -280,8 +280,11 @@ def _collate(items):
 
 
 def to_model_input(images: torch.Tensor, device: torch.device) -> torch.Tensor:
-    """uint8 (B, H, W, 3) -> float32 (B, 3, H, W) in [-1, 1], as ``train.data.to_tensor``."""
-    return images.to(device).permute(0, 3, 1, 2).float().div(127.5).sub(1.0).contiguous()
+    """uint8 (B, H, W, 3) -> float32 (B, 3, H, W) in [-1, 1], as ``train.data.to_tensor``
+    (through :func:`train.data.to_model_range`, the values training sees on any device)."""
+    from train.data import to_model_range
+
+    return to_model_range(images.to(device).permute(0, 3, 1, 2).contiguous())
 
 
 # ----------------------------------------------------------------------------------------
