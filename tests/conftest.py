@@ -11,10 +11,7 @@ import torch
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 if ROOT not in sys.path:
     sys.path.insert(0, ROOT)
-# torch-fidelity's wheel installs a top-level ``tests`` package into site-packages; as a
-# regular package it would win over this folder in ``from tests.test_fit import ...``.
-sys.modules["tests"] = types.ModuleType("tests")
-sys.modules["tests"].__path__ = [os.path.join(ROOT, "tests")]
+# ROOT first: ``tests`` is this folder (tests/__init__.py), not torch-fidelity's package.
 
 torch.set_num_threads(1)
 

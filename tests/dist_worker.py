@@ -28,7 +28,6 @@ import json
 import os
 import pathlib
 import sys
-import types
 
 import torch
 import torch.distributed as dist
@@ -36,10 +35,7 @@ import torch.distributed as dist
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 if ROOT not in sys.path:
     sys.path.insert(0, ROOT)
-# torch-fidelity's wheel installs a top-level ``tests`` package into site-packages; as a
-# regular package it would win over this folder in ``from tests.test_fit import ...``.
-sys.modules["tests"] = types.ModuleType("tests")
-sys.modules["tests"].__path__ = [os.path.join(ROOT, "tests")]
+# ROOT first: ``tests`` is this folder (tests/__init__.py), not torch-fidelity's package.
 
 import yaml  # noqa: E402
 
