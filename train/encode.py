@@ -542,11 +542,13 @@ def encode(source: str, data: str, out: str, batch_size: Optional[int] = None, s
         say(f"  data      {data_source}: {PREPROCESSING.format(size=size)}")
         if note:
             say(f"  note      {note}")
+        from train.data import loader_workers
+
         error, encoded = None, 0
         try:
             encoded = encode_shards(model, paths, pending, out, plan, digest, grids, dev,
                                     int(batch_size or cfg.train.batch_size),
-                                    int(cfg.train.num_workers if num_workers is None else num_workers), say)
+                                    loader_workers(cfg.train.num_workers if num_workers is None else num_workers), say)
         except UserError as exc:
             error = str(exc)
         except torch.cuda.OutOfMemoryError:
