@@ -2,8 +2,8 @@
 
     python -m train fit CONFIG --data /images train.max_bad_steps=5
 
-Before each step the guard copies the float buffers that a forward changes (EMA codebooks,
-BatchNorm statistics) into copies it allocated once (no allocation per step).  During the
+Before each step the guard copies the buffers that a forward changes (EMA codebooks,
+BatchNorm statistics and counts) into copies it allocated once (no allocation per step).  During the
 step it only raises flags on the step's :class:`~train.rank_sync.StepVote` (the losses of
 both networks on every micro-batch, then each network's gradient norm), never reading a
 value on the host; the loop reads the vote once, after both backward passes.  A

@@ -77,6 +77,12 @@ class FitResult:
     seconds: float
 
 
+# torch.compile's backend for train.compile: inductor generates fused kernels (the speed);
+# tests on a small CPU run the same tracing with "aot_eager" (inductor's C++ build of even a
+# tiny model takes minutes there).
+COMPILE_BACKEND = "inductor"
+
+
 # ----------------------------------------------------------------------------------------
 # Configuration checks and the learning rate
 
@@ -156,8 +162,9 @@ class Trainer:
             self.batch_augmenter = spec.batch_hook(cfg, self.device) if spec.batch_hook is not None else None
         self.lr, self.lr_note = learning_rate(cfg, self.world)
         self.gen, self.disc = make_sides(self.model, self.calc, t, self.lr, self.precision)
-        # Buffers the forward changes (EMA codebooks, BatchNorm statistics) go back on a bad step.
-        buffers = [b for side in self.sides for b in side.module.buffers() if b.is_floating_point()]
+        # Buffers the forward changes (EMA codebooks, BatchNorm statistics and batch counts)
+        # go back on a bad step.
+        buffers = [b for side in self.sides for b in side.module.buffers()]
         self.guard = StepGuard(buffers, t.max_bad_steps, scaled=self.gen.scaler is not None)
 
         self.images_per_step = t.batch_size * t.accumulate_grad_batches * self.world
@@ -182,12 +189,12 @@ class Trainer:
     def _compile(self) -> None:
         """train.compile: torch.compile each network in place (``nn.Module.compile``), so
         ``state_dict`` keys, checkpoints and the optimizers see the modules as they were."""
-        if not torch_compile_can_build():
+        if COMPILE_BACKEND == "inductor" and not torch_compile_can_build():
             raise UserError("train.compile needs a C++ compiler for torch.compile's inductor backend and none was "
                             "found (looked for $CXX, g++, c++, clang++ on PATH): install one (e.g. apt-get install "
                             "g++) or set train.compile=false")
         for side in self.sides:
-            side.module.compile()
+            side.module.compile(backend=COMPILE_BACKEND)
         self.notes.append("torch.compile: the first steps compile the generator"
                           + (" and the discriminator" if self.disc is not None else "") + " (slower)")
 
