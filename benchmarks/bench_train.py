@@ -10,7 +10,8 @@ GAN on from step 0) of the official f16 VQGAN (taming's ``custom_vqgan.yaml`` /
 ``--n-embed`` 1024 or 16384 codes) at 256 px, in three set-ups: fp32, bf16, and bf16 +
 ``train.compile`` + ``train.channels_last``.  Each set-up runs in its own subprocess
 (its peak memory is its own): ``--warmup`` steps (compilation happens there), then the
-median of ``--steps`` timed steps.  Peak memory: ``torch.cuda.max_memory_allocated`` on a
+mean of ``--steps`` timed steps; on a GPU also the synchronising calls during them, as
+``torch.cuda.set_sync_debug_mode`` counts them (the trainer aims at one per step).  Peak memory: ``torch.cuda.max_memory_allocated`` on a
 GPU, the growth of the resident size (VmHWM) over the steps on CPU.  ``--tiny`` runs a
 32 px model of the same shape family (what ``tests/test_gpu_options.py`` runs).  Perceptual
 loss is off: no VGG16 file is needed.
@@ -34,10 +35,14 @@ import statistics
 import subprocess
 import sys
 import time
+import warnings
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-if ROOT not in sys.path:
-    sys.path.insert(0, ROOT)
+for _path in (ROOT, os.path.join(ROOT, "benchmarks")):
+    if _path not in sys.path:
+        sys.path.insert(0, _path)
+
+from bench_attention import _reset_peak, _status_kib  # noqa: E402  (the resident-memory readings)
 
 TAMING_LOSS = "taming.modules.losses.vqperceptual.VQLPIPSWithDiscriminator"
 SETUPS = {"fp32": [], "bf16": ["train.precision=bf16"],
@@ -87,14 +92,6 @@ def build_trainer(config: dict, overrides, device: str, n_batches: int):
     return trainer, batches
 
 
-def _status_kib(field: str) -> int:
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith(field + ":"):
-                return int(line.split()[1])
-    raise RuntimeError(f"{field} not in /proc/self/status")
-
-
 def _sync(device: str) -> None:
     import torch
 
@@ -118,12 +115,15 @@ def throughput_worker(setup: str, device: str, tiny: str, n_embed: str, batch: s
     config = f16_vqgan(n_embed, tiny)
     config["train"]["batch_size"] = batch
     trainer, _ = build_trainer(config, SETUPS[setup], device, 4)
-    starts = {}
+    marks = {}
 
     def clock(batch_, step):
-        if step not in starts:
-            _sync(device)
-            starts[step] = time.perf_counter()
+        if step in (warmup, warmup + steps) and step not in marks:
+            if device == "cuda":
+                torch.cuda.set_sync_debug_mode(0)   # the clock's own wait is not the trainer's
+                torch.cuda.synchronize()
+                torch.cuda.set_sync_debug_mode(1)
+            marks[step] = time.perf_counter()
         return batch_
 
     trainer.batch_augmenter = clock
@@ -133,17 +133,21 @@ def throughput_worker(setup: str, device: str, tiny: str, n_embed: str, batch: s
         torch.cuda.reset_peak_memory_stats()
         base = torch.cuda.memory_allocated()
     else:
-        with open("/proc/self/clear_refs", "w") as f:
-            f.write("5")                            # resets VmHWM to the resident size now
+        _reset_peak()                               # VmHWM back to the resident size now
         base = _status_kib("VmRSS") * 1024
     trainer.max_steps = warmup + steps + 1
-    trainer.fit()
+    with warnings.catch_warnings(record=True) as caught:
+        # GPU: every synchronising call of the steps warns once (torch.cuda.set_sync_debug_mode).
+        warnings.simplefilter("always")
+        trainer.fit()
+        if device == "cuda":
+            torch.cuda.set_sync_debug_mode(0)
+    syncs = sum("synchroniz" in str(w.message) for w in caught)
     peak = (torch.cuda.max_memory_allocated() if device == "cuda" else _status_kib("VmHWM") * 1024)
-    times = [starts[s + 1] - starts[s] for s in range(warmup, warmup + steps)]
-    step_s = statistics.median(times)
+    step_s = (marks[warmup + steps] - marks[warmup]) / steps
     return {"setup": setup, "device": device, "images_per_s": batch / step_s, "step_s": step_s,
             "peak_gib": peak / 2 ** 30, "growth_gib": (peak - base) / 2 ** 30,
-            "bad_steps": trainer.guard.total,
+            "bad_steps": trainer.guard.total, "syncs": syncs, "synced_steps": steps + 1,
             "gpu": torch.cuda.get_device_name() if device == "cuda" else f"cpu ({torch.get_num_threads()} threads)"}
 
 
@@ -164,7 +168,8 @@ def throughput(args) -> None:
     lines = [f"training step (generator + discriminator), {size}, batch {args.batch}, {rows[0]['gpu']}"
              + (f", compile backend {args.compile_backend}" if args.compile_backend != "inductor" else "")]
     for r in rows:
-        memory = (f"peak {r['peak_gib']:6.2f} GiB allocated" if r["device"] == "cuda"
+        memory = (f"peak {r['peak_gib']:6.2f} GiB allocated   {r['syncs']} host syncs in "
+                  f"{r['synced_steps']} steps (set_sync_debug_mode)" if r["device"] == "cuda"
                   else f"resident growth {r['growth_gib'] * 1024:7.1f} MiB")
         lines.append(f"  {r['setup']:<28} {r['images_per_s']:9.2f} images/s   {memory}")
     for r in rows[1:]:
@@ -304,7 +309,7 @@ def main(argv=None) -> None:
     p.add_argument("--n-embed", type=int, default=1024, help="codebook size (1024 or 16384 as published)")
     p.add_argument("--batch", type=int, default=8)
     p.add_argument("--warmup", type=int, default=3, help="untimed steps first (compilation happens here)")
-    p.add_argument("--steps", type=int, default=10, help="timed steps (median)")
+    p.add_argument("--steps", type=int, default=10, help="timed steps (their mean)")
     p.add_argument("--setups", default=",".join(SETUPS), help=f"comma-separated, of {', '.join(SETUPS)}")
     p.add_argument("--compile-backend", default="inductor",
                    help="torch.compile backend for train.compile (tests: eager; inductor's CPU build takes minutes)")

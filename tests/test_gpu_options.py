@@ -97,7 +97,7 @@ def test_bench_train_runs_the_three_setups_tiny_on_cpu(tmp_path, monkeypatch):
     monkeypatch.setattr(trainer_module, "make_loader", trainer_module.make_loader)
     monkeypatch.setattr(trainer_module, "COMPILE_BACKEND", trainer_module.COMPILE_BACKEND)
     out = tmp_path / "bench.txt"
-    bench.main(["throughput", "--device", "cpu", "--tiny", "--in-process", "--batch", "1", "--warmup", "1",
+    bench.main(["throughput", "--device", "cpu", "--tiny", "--in-process", "--batch", "1", "--warmup", "0",
                 "--steps", "1", "--compile-backend", "eager", "--out", str(out)])
     rows = {m.group(1): float(m.group(2)) for m in re.finditer(r"^  (\S+)\s+([\d.]+) images/s", out.read_text(), re.M)}
     assert set(rows) == {"fp32", "bf16", "bf16+compile+channels_last"} and all(v > 0 for v in rows.values())

@@ -15,7 +15,9 @@ discriminator's only when ``use_gan`` is on.  Each iteration::
         if calc.should_update_discriminator(step):
             d_loss = calc.discriminator_step(out, step)       # reuses out.reconstructions
             disc.backward(d_loss / accumulate)
-    unscale (fp16) -> clip -> optimizer step, for each side
+    unscale (fp16) -> clip, for each side
+    vote.read()                                               # the step's one host read
+    optimizer step for each side, or undo the step when a loss or gradient was non-finite
 
 The pieces, one concept per module: ``train/sides.py`` (a network with its optimizer,
 scaler and clip; the discriminator side is None without a discriminator),
@@ -29,7 +31,10 @@ batch`` runs on every micro-batch on the device before the generator step (e.g. 
 
 SIGTERM / SIGINT finish the step, save ``last`` and return normally.  Under torchrun every
 decision that changes control flow (bad step, stop request) is agreed on by all ranks
-first, so no rank waits forever.
+first, so no rank waits forever: all of a step's decisions travel in one ``StepVote``
+(``train/rank_sync.py``), one all-reduce and one host read per optimizer step, so a GPU
+is never made to wait for the host in between.  ``train.channels_last`` and
+``train.compile`` (``_build``) change how the networks run, never their state dicts.
 """
 from __future__ import annotations
 
