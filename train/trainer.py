@@ -83,7 +83,7 @@ class FitResult:
 
 
 # torch.compile's backend for train.compile: inductor generates fused kernels (the speed);
-# tests on a small CPU run the same tracing with "aot_eager" (inductor's C++ build of even a
+# tests on a small CPU trace the same graphs with "eager" (inductor's C++ build of even a
 # tiny model takes minutes there).
 COMPILE_BACKEND = "inductor"
 
