@@ -16,7 +16,7 @@ import torch
 from omegaconf import OmegaConf
 
 import train.trainer as trainer_module
-from test_fit import tiny_config
+from tests.test_fit import tiny_config
 from train.cli import main as cli
 from train.fit import run
 

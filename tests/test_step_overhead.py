@@ -15,7 +15,7 @@ import sys
 import pytest
 import torch
 
-from test_fit import tiny_config
+from tests.test_fit import tiny_config
 from train.config import load_config
 from train.data import resolve_data
 from train.sides import Side
