@@ -31,9 +31,9 @@ Differences from upstream, on purpose:
   own batch and the codebooks drift apart);
 * the three codebook tensors are buffers, not ``requires_grad=False`` parameters: they
   can never end up in an optimizer or in DDP's gradient buckets (same state-dict keys);
-* statistics are accumulated in float32 even under autocast, with ``bincount`` /
-  ``index_add_`` instead of a dense one-hot matrix; ``min_encodings`` is returned as None,
-  as ``VectorQuantizer2`` does.
+* statistics are accumulated in float32 even under autocast, with ``index_add_`` (no host
+  read, unlike CUDA's ``bincount``) instead of a dense one-hot matrix; ``min_encodings`` is
+  returned as None, as ``VectorQuantizer2`` does.
 
 Every rank must call ``forward`` in training mode the same number of times (the update
 contains a collective), which DDP training does anyway.
@@ -247,7 +247,10 @@ class EMAVectorQuantizer(nn.Module):
         # Quantize with the codebook as it was before this batch's update (upstream order).
         z_q = self.embedding(indices).view(b, h, w, c).to(z.dtype)
 
-        counts = torch.bincount(indices, minlength=self.n_embed).to(flat.dtype)
+        # index_add_ rather than bincount: CUDA's bincount reads the largest index on the host
+        # (a synchronisation per forward); the counts are the same whole numbers.
+        counts = torch.zeros(self.n_embed, dtype=flat.dtype, device=flat.device).index_add_(
+            0, indices, torch.ones(indices.shape, dtype=flat.dtype, device=flat.device))
         if self.training and self.update:
             with torch.no_grad():
                 embed_sum = torch.zeros_like(weight).index_add_(0, indices, flat.detach())

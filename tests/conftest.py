@@ -11,6 +11,7 @@ import torch
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 if ROOT not in sys.path:
     sys.path.insert(0, ROOT)
+# ROOT first: ``tests`` is this folder (tests/__init__.py), not torch-fidelity's package.
 
 torch.set_num_threads(1)
 

@@ -11,7 +11,6 @@ import contextlib
 import io
 import json
 import os
-import sys
 
 import numpy as np
 import pytest
@@ -138,6 +137,10 @@ def test_run_folder_metrics_match_an_independent_computation(vqvae2_run, capsys,
     assert f"PSNR        {report['psnr']:.2f} dB" in text
     assert "codebook    top:" in text and "codebook    bottom:" in text
     assert "LPIPS       skipped" in text and "16 random (seeded) crops" in text
+    # No Inception weights anywhere: rFID is skipped, naming the file and where it goes.
+    assert report["rfid"] is None and "weights-inception-2015-12-05-6726825d.pth" in report["rfid_note"]
+    assert "rFID        skipped: no Inception weights" in text and "SSIM        " in text
+    assert report["ssim"] > 0 and report["settings"]["ssim"]["data_range"] == 1
 
 
 def test_usage_counts_of_known_indices():

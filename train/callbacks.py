@@ -5,8 +5,11 @@
 Small objects the loop calls at fixed points (minGPT's callbacks, not a framework): every
 callback's ``after_step(trainer, end)`` runs once after every step, in list order, on every
 rank; one that returns True ends training after that step (those after it are not asked).
-Callbacks that call collectives (the metrics window's code counts, the stop checks) do so
-on every rank at the same steps, so no rank waits for another.
+A callback whose decision must be the same on every rank (the stop checks) names a
+``vote`` flag: the loop asks its ``wants_stop`` on each rank before the step's one vote
+(``train/rank_sync.py``'s ``StepVote``) and hands back in ``end.votes`` whether any rank
+wanted it, so these checks add no collective and no host read of their own.  The metrics
+window's collective (code counts) runs on every rank at the same log steps.
 """
 from __future__ import annotations
 
@@ -21,7 +24,6 @@ import torch
 from losses.calculator import GeneratorOutput
 from train.errors import UserError
 from train.logger import RunLogger
-from train.rank_sync import any_rank
 from train.usage import CodeCounts
 
 
@@ -35,9 +37,17 @@ class StepEnd:
     skipped: bool                               # the step guard undid it
     out: Optional[GeneratorOutput]              # the last micro-batch's generator output
     scalars: Dict[str, float] = field(default_factory=dict)   # the model's before_step logs
+    votes: Dict[str, bool] = field(default_factory=dict)      # the step's vote: raised on any rank
 
 
 class Callback:
+    # The name of this callback's flag in the step vote, or None when it has none.
+    vote: Optional[str] = None
+
+    def wants_stop(self, trainer) -> bool:
+        """This rank's wish, raised in the step vote (callbacks with a ``vote`` only)."""
+        return False
+
     def after_step(self, trainer, end: StepEnd) -> bool:
         """Runs after every step; True ends training."""
         return False
@@ -45,7 +55,9 @@ class Callback:
 
 class MetricsWindow(Callback):
     """Loss logs, gradient norms and code counts averaged over ``log_every`` steps, written
-    with learning rates, ``disc_factor``, throughput and counters (skipped steps do not count)."""
+    with learning rates, ``disc_factor``, throughput and counters (skipped steps do not count).
+
+    Sums stay on the device between log lines; a log line reads them all in one copy."""
 
     def __init__(self, log: RunLogger, codebook_sizes: Sequence[int], device: torch.device, log_every: int):
         self.log = log
@@ -63,20 +75,30 @@ class MetricsWindow(Callback):
         self.sums[key] = self.sums.get(key, 0.0) + value
         self.counts[key] = self.counts.get(key, 0) + 1
 
-    def add_step(self, logs: List[Dict[str, torch.Tensor]], norms: Dict[str, float]) -> None:
-        """A step that was taken: its micro-batches' loss logs and its gradient norms."""
+    def add_step(self, logs: List[Dict[str, torch.Tensor]], norms: Dict[str, torch.Tensor],
+                 codes: Sequence[Sequence[torch.Tensor]] = ()) -> None:
+        """A step that was taken: its micro-batches' loss logs and codes, its gradient norms."""
         for step_log in logs:
             for k, v in step_log.items():
-                self._add(k, v.detach().float().mean().to(self.device))
+                self._add(k, torch.as_tensor(v).detach().float().mean().to(self.device))
         for k, v in norms.items():
-            self._add(k, v)
+            self._add(k, torch.as_tensor(v).detach().float().to(self.device))
+        for micro_codes in codes:
+            self.codes.add(micro_codes)
+
+    def _means(self) -> Dict[str, float]:
+        if not self.sums:
+            return {}
+        keys = list(self.sums)
+        sums = torch.stack([self.sums[k] for k in keys]).tolist()     # one host read
+        return {k: total / self.counts[k] for k, total in zip(keys, sums)}
 
     def after_step(self, trainer, end: StepEnd) -> bool:
         self.images += trainer.images_per_step
         log_now = end.global_step % self.log_every == 0 or end.finished
         values: Dict[str, float] = {}
         if log_now:
-            values = {k: float(v) / self.counts[k] for k, v in self.sums.items()}
+            values = self._means()
             values.setdefault("train/disc_factor", trainer.calc.disc_factor_at(end.step))
             for side in trainer.sides:
                 values[f"lr/{side.name}"] = side.lr
@@ -158,13 +180,18 @@ class GracefulStop:
 
 
 class StopOnSignal(Callback):
-    """Ends training after the step in which any rank received SIGTERM / SIGINT."""
+    """Ends training after the step in whose vote any rank had received SIGTERM / SIGINT."""
 
-    def __init__(self, stop: GracefulStop, log: RunLogger, device: torch.device):
-        self.stop, self.log, self.device = stop, log, device
+    vote = "stop_signal"
+
+    def __init__(self, stop: GracefulStop, log: RunLogger):
+        self.stop, self.log = stop, log
+
+    def wants_stop(self, trainer) -> bool:
+        return self.stop.requested
 
     def after_step(self, trainer, end: StepEnd) -> bool:
-        if not any_rank(self.stop.requested, self.device):
+        if not end.votes.get(self.vote):
             return False
         self.log.message(f"{self.stop.signal_name or 'a stop signal'} received: step {end.global_step} is finished; "
                          "saving checkpoints/last.ckpt, then exiting")
@@ -176,11 +203,16 @@ class TimeLimit(Callback):
     """Ends training once ``limit_s`` seconds have passed since ``started`` (e.g. the demo's
     few minutes), on every rank together."""
 
-    def __init__(self, limit_s: float, started: float, log: RunLogger, device: torch.device):
-        self.limit_s, self.started, self.log, self.device = limit_s, started, log, device
+    vote = "time_limit"
+
+    def __init__(self, limit_s: float, started: float, log: RunLogger):
+        self.limit_s, self.started, self.log = limit_s, started, log
+
+    def wants_stop(self, trainer) -> bool:
+        return time.time() - self.started > self.limit_s
 
     def after_step(self, trainer, end: StepEnd) -> bool:
-        if not any_rank(time.time() - self.started > self.limit_s, self.device):
+        if not end.votes.get(self.vote):
             return False
         self.log.message(f"time limit of {self.limit_s:.0f}s reached at step {end.global_step}")
         return True

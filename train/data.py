@@ -322,7 +322,7 @@ def image_problem(path: str, size: int, max_pixels: int = DEFAULT_MAX_PIXELS) ->
     """Why ``path`` cannot be used for ``size`` px crops, from its header alone; None when it can."""
     try:
         # A FIFO (or a device) named like an image would block the open, or never end.
-        if not stat.S_ISREG(os.stat(path).st_mode):
+        if isinstance(path, (str, bytes, os.PathLike)) and not stat.S_ISREG(os.stat(path).st_mode):
             return "is not a regular file (a FIFO, socket or device); leave it out of the data"
         with open_header(path) as im:
             w, h = im.size
@@ -432,8 +432,9 @@ def check_usable(spec: DataSpec, seed: int) -> None:
 DRAFT_AREA = "vqtok_draft_area"
 
 
-def load_rgb(path: str, max_pixels: int = DEFAULT_MAX_PIXELS, draft_short: int = 0) -> Image.Image:
-    """The image at ``path`` as 8-bit RGB; :class:`ImageRefused` when it has more than
+def load_rgb(path, max_pixels: int = DEFAULT_MAX_PIXELS, draft_short: int = 0) -> Image.Image:
+    """The image at ``path`` (a file name, or an open binary file such as a shard member's
+    bytes) as 8-bit RGB; :class:`ImageRefused` when it has more than
     ``max_pixels`` pixels (checked from the header, before decoding) or is no regular file.
 
     ``draft_short`` > 0: a JPEG whose shorter side is at least twice ``draft_short`` is
@@ -442,7 +443,7 @@ def load_rgb(path: str, max_pixels: int = DEFAULT_MAX_PIXELS, draft_short: int =
     """
     # Checked here, not only in the header scan fit no longer runs: opening a FIFO named
     # like an image would block until someone writes to it.
-    if not stat.S_ISREG(os.stat(path).st_mode):
+    if isinstance(path, (str, bytes, os.PathLike)) and not stat.S_ISREG(os.stat(path).st_mode):
         raise ImageRefused("is not a regular file (a FIFO, socket or device); leave it out of the data")
     with open_header(path) as im:
         problem = too_many_pixels(im.size[0], im.size[1], max_pixels)

@@ -283,8 +283,11 @@ def _collate(items):
 
 
 def to_model_input(images: torch.Tensor, device: torch.device) -> torch.Tensor:
-    """uint8 (B, H, W, 3) -> float32 (B, 3, H, W) in [-1, 1], as ``train.data.to_tensor``."""
-    return images.to(device).permute(0, 3, 1, 2).float().div(127.5).sub(1.0).contiguous()
+    """uint8 (B, H, W, 3) -> float32 (B, 3, H, W) in [-1, 1], as ``train.data.to_tensor``
+    (through :func:`train.data.to_model_range`, the values training sees on any device)."""
+    from train.data import to_model_range
+
+    return to_model_range(images.to(device).permute(0, 3, 1, 2).contiguous())
 
 
 # ----------------------------------------------------------------------------------------
@@ -542,11 +545,13 @@ def encode(source: str, data: str, out: str, batch_size: Optional[int] = None, s
         say(f"  data      {data_source}: {PREPROCESSING.format(size=size)}")
         if note:
             say(f"  note      {note}")
+        from train.data import loader_workers
+
         error, encoded = None, 0
         try:
             encoded = encode_shards(model, paths, pending, out, plan, digest, grids, dev,
                                     int(batch_size or cfg.train.batch_size),
-                                    int(cfg.train.num_workers if num_workers is None else num_workers), say)
+                                    loader_workers(cfg.train.num_workers if num_workers is None else num_workers), say)
         except UserError as exc:
             error = str(exc)
         except torch.cuda.OutOfMemoryError:

@@ -4,9 +4,10 @@
 
 DDP wraps only the model, so what it does not cover is done here: decisions that change
 control flow (a bad step, a stop request, the time limit) are agreed on by all ranks before
-anyone acts, so no rank waits forever in a collective the others skipped; the
-discriminator's gradients and BatchNorm statistics are averaged by hand.  Every function is
-a no-op in a single process.
+anyone acts, so no rank waits forever in a collective the others skipped (:class:`StepVote`:
+all of one step's decisions in one all-reduce and one host read); the discriminator's
+gradients and BatchNorm statistics are averaged by hand.  The collectives are no-ops in a
+single process.
 """
 from __future__ import annotations
 
@@ -14,7 +15,7 @@ import hashlib
 import json
 import os
 import socket
-from typing import Callable, Dict, List, Optional, TypeVar
+from typing import Callable, Dict, List, Optional, Sequence, TypeVar
 
 import torch
 import torch.distributed as dist
@@ -27,13 +28,42 @@ from train.logger import RunLogger
 T = TypeVar("T")
 
 
-def any_rank(flag: bool, device: torch.device) -> bool:
-    """True when ``flag`` is true on any rank (a collective: every rank must call it)."""
-    if not is_distributed():
-        return flag
-    t = torch.tensor([1.0 if flag else 0.0], device=device)
-    dist.all_reduce(t, op=dist.ReduceOp.MAX)
-    return bool(t.item() > 0)
+class StepVote:
+    """Every per-step decision of every rank in one all-reduce and one host read.
+
+    During a step the loop raises named flags: from tensors on the device (a non-finite loss
+    or gradient norm, accumulated there without reading it) or from host values (a stop
+    signal, the time limit).  :meth:`read` then runs one ``all_reduce(MAX)`` under torchrun
+    and copies the flags to the host once: the step's one host-device synchronisation.  A
+    flag reads True when any rank raised it, so every rank takes the same branch.  (The
+    usual way to keep an asynchronous device busy, as in Megatron-LM's and nanoGPT's loops:
+    read back one small tensor per step, not one scalar per check.)
+    """
+
+    def __init__(self, names: Sequence[str], device: torch.device):
+        self.names = list(dict.fromkeys(names))
+        self.index = {name: i for i, name in enumerate(self.names)}
+        self.flags = torch.zeros(len(self.names), device=device)
+
+    def clear(self) -> None:
+        self.flags.zero_()
+
+    def raise_if_nonfinite(self, name: str, value: torch.Tensor) -> None:
+        """Raise ``name`` when any element of ``value`` is NaN or inf (no host read)."""
+        i = self.index[name]
+        self.flags[i].add_((~torch.isfinite(value.detach())).any().to(self.flags.dtype))
+
+    def raise_if(self, name: str, flag: bool) -> None:
+        """Raise ``name`` when the host value ``flag`` is true (no copy when it is not)."""
+        if flag:
+            self.flags[self.index[name]].fill_(1.0)
+
+    def read(self) -> Dict[str, bool]:
+        """``{name: raised on any rank}`` (a collective under torchrun: every rank calls it)."""
+        if is_distributed():
+            dist.all_reduce(self.flags, op=dist.ReduceOp.MAX)
+        values = self.flags.tolist()
+        return {name: values[i] > 0 for name, i in self.index.items()}
 
 
 def agreed(work: Callable[[], T], main_only: bool = False) -> T:
@@ -125,4 +155,5 @@ def check_ranks_in_sync(model: nn.Module, discriminator: Optional[nn.Module], st
             log.message(f"all {world} ranks hold identical weights and codebooks ({len(mine)} tensors)")
 
 
-__all__ = ["agreed", "any_rank", "average_across_ranks_", "state_digest", "combined_digest", "check_ranks_in_sync"]
+__all__ = ["StepVote", "agreed", "average_across_ranks_", "state_digest", "combined_digest",
+           "check_ranks_in_sync"]

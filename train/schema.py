@@ -52,6 +52,13 @@ class TrainSection:
     grad_clip: Optional[float] = None
     # fp32 | bf16 (autocast) | fp16 (autocast + one GradScaler per optimizer, GPU only).
     precision: str = "fp32"
+    # Keep weights, activations and input batches channels-last (NHWC): faster convolutions
+    # on tensor-core GPUs (with bf16 / fp16); checkpoints are the same either way.
+    channels_last: bool = False
+    # torch.compile the generator and the discriminator (nn.Module.compile: the state dicts,
+    # and so the checkpoints, keep their key names).  The first steps take longer (compiling);
+    # needs a C++ compiler (and Triton on GPUs).
+    compile: bool = False
     # Adam(W) betas; taming uses (0.5, 0.9).
     adam_betas: List[float] = field(default_factory=lambda: [0.5, 0.9])
     # Decoupled weight decay (AdamW); 0 reproduces taming's Adam.

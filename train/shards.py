@@ -60,7 +60,7 @@ from PIL import Image
 from train import atomic
 from train.cli import CommandParser, check_out_path, positive_int
 from train.data import (DEFAULT_MAX_PIXELS, IMAGE_EXTENSIONS, DataSpec, ImageRefused, builtin_paths, crop_image,
-                        is_shard_pattern, load_rgb, paths_from_argument)
+                        is_shard_pattern, load_rgb, loader_workers, paths_from_argument)
 from train.errors import UserError
 
 # Samples held by each reader's shuffle buffer (encoded bytes: about 100 KB per ImageNet JPEG).
@@ -385,7 +385,7 @@ class ShardBatches(torch.utils.data.IterableDataset):
 def make_shard_loader(spec: ShardSpec, seed: int, batch_size: int, accumulate: int, world_size: int, rank: int,
                       start_step: int, end_step: Optional[int], num_workers: int = 0, pin_memory: bool = False):
     """``train.data.make_loader`` for shards: a DataLoader over :class:`ShardBatches`."""
-    workers = int(num_workers)
+    workers = loader_workers(num_workers)
     readers = max(1, workers) * int(world_size)
     if rank == 0 and len(spec.shards) < readers:
         print(f"warning: {len(spec.shards)} shard(s) for {readers} readers ({world_size} process(es) x "

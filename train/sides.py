@@ -51,6 +51,7 @@ class Side:
         self.scaler = scaler
         self.clip = clip
         self.average_across_ranks = average_across_ranks
+        self._unscaled = False      # fp16: unscale_ ran since the scaler's last update
 
     @property
     def lr(self) -> float:
@@ -62,30 +63,49 @@ class Side:
     def backward(self, loss: torch.Tensor) -> None:
         (self.scaler.scale(loss) if self.scaler is not None else loss).backward()
 
-    def unscale_and_clip(self) -> float:
+    def unscale_and_clip(self) -> torch.Tensor:
         """Average over ranks (when asked), unscale (fp16), clip to ``clip`` when set;
-        returns the gradient norm (before clipping)."""
+        returns the gradient norm before clipping, as a device tensor (never read here: the
+        loop's step vote checks it with everything else, in one host read)."""
         if self.average_across_ranks:
             average_across_ranks_([p.grad for p in self.params if p.grad is not None])
         if self.scaler is not None:
             self.scaler.unscale_(self.optimizer)
+            self._unscaled = True
         grads = [p.grad for p in self.params if p.grad is not None]
         if not grads:
-            return 0.0
+            return torch.zeros((), device=self.params[0].device)
         if self.clip is not None:
-            return float(torch.nn.utils.clip_grad_norm_(self.params, self.clip))
-        return float(torch.nn.utils.get_total_norm(grads))
+            return torch.nn.utils.clip_grad_norm_(self.params, self.clip)
+        return torch.nn.utils.get_total_norm(grads)
 
-    def step(self) -> None:
+    def step(self, grads_finite: bool) -> None:
+        """The optimizer step, after :meth:`unscale_and_clip` and the vote's read.
+
+        fp16: ``grads_finite`` (the unscaled gradient norm was finite) decides what
+        ``GradScaler.step`` would decide from its own inf check, without its host read of
+        that check: step only with finite gradients; ``update`` then lowers the scale after
+        inf gradients or grows it after enough finite ones, from the check ``unscale_``
+        recorded on the device.
+        """
         if self.scaler is not None:
-            # The scaler skips a step with inf gradients itself (that is how it finds its scale).
-            self.scaler.step(self.optimizer)
+            if grads_finite:
+                self.optimizer.step()
             self.scaler.update()
+            self._unscaled = False
         else:
             self.optimizer.step()
         if self.average_across_ranks:
             # BatchNorm statistics of the PatchGAN: keep them equal on every rank.
             average_across_ranks_([b for b in self.module.buffers() if b.is_floating_point()])
+
+    def skip(self) -> None:
+        """A step the guard undoes: drop the gradients.  fp16: a scaler that unscaled this
+        step's (non-finite) gradients sees them in ``update`` and lowers its scale, as its
+        own ``step`` would have; no optimizer step runs."""
+        if self.scaler is not None and self._unscaled:
+            self.scaler.update()
+        self.zero_grad()
 
 
 def make_sides(model: nn.Module, calc: LossCalculator, train_cfg, lr: float,

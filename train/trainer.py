@@ -15,7 +15,9 @@ discriminator's only when ``use_gan`` is on.  Each iteration::
         if calc.should_update_discriminator(step):
             d_loss = calc.discriminator_step(out, step)       # reuses out.reconstructions
             disc.backward(d_loss / accumulate)
-    unscale (fp16) -> clip -> optimizer step, for each side
+    unscale (fp16) -> clip, for each side
+    vote.read()                                               # the step's one host read
+    optimizer step for each side, or undo the step when a loss or gradient was non-finite
 
 The pieces, one concept per module: ``train/sides.py`` (a network with its optimizer,
 scaler and clip; the discriminator side is None without a discriminator),
@@ -29,13 +31,17 @@ batch`` runs on every micro-batch on the device before the generator step (e.g. 
 
 SIGTERM / SIGINT finish the step, save ``last`` and return normally.  Under torchrun every
 decision that changes control flow (bad step, stop request) is agreed on by all ranks
-first, so no rank waits forever.
+first, so no rank waits forever: all of a step's decisions travel in one ``StepVote``
+(``train/rank_sync.py``), one all-reduce and one host read per optimizer step, so a GPU
+is never made to wait for the host in between.  ``train.channels_last`` and
+``train.compile`` (``_build``) change how the networks run, never their state dicts.
 """
 from __future__ import annotations
 
 import contextlib
 import errno
 import os
+import shutil
 import time
 from dataclasses import dataclass
 from typing import Callable, Dict, List, Optional, Sequence
@@ -56,11 +62,11 @@ from train.config import save_config
 from train.data import DataSpec, loader_workers, make_loader, steps_for_epochs, to_model_range
 from train.errors import TrainingStopped, UserError, raise_for_errors
 from train.logger import RunLogger
-from train.rank_sync import check_ranks_in_sync
+from train.rank_sync import StepVote, check_ranks_in_sync
 from train.run_folder import WRITTEN_FOLDERS, open_run_folder
 from train.shards import ShardSpec, make_shard_loader
 from train.sides import Side, autocast, each, make_sides
-from train.step_guard import StepGuard
+from train.step_guard import StepGuard, grad_flag
 from train.step_optins import StepOptIns
 from train.validate import train_value_findings
 from train.sources import Source
@@ -76,6 +82,12 @@ class FitResult:
     skipped_images: int
     last_grid: Optional[str]
     seconds: float
+
+
+# torch.compile's backend for train.compile: inductor generates fused kernels (the speed);
+# tests on a small CPU trace the same graphs with "eager" (inductor's C++ build of even a
+# tiny model takes minutes there).
+COMPILE_BACKEND = "inductor"
 
 
 # ----------------------------------------------------------------------------------------
@@ -146,6 +158,10 @@ class Trainer:
         seed_everything(t.seed)
         self.model = build_model(cfg).to(self.device)
         self.calc = LossCalculator.from_config(cfg).to(self.device)
+        if t.channels_last:
+            # 4-D weights (convolutions) in NHWC; the optimizer's states follow them.
+            self.model.to(memory_format=torch.channels_last)
+            self.calc.to(memory_format=torch.channels_last)
         if self.batch_augmenter is None:
             # What the model type's loss family needs in each batch (DinoVQ: teacher features);
             # built after the model, from the same seeded random state (a random teacher).
@@ -153,9 +169,10 @@ class Trainer:
             self.batch_augmenter = spec.batch_hook(cfg, self.device) if spec.batch_hook is not None else None
         self.lr, self.lr_note = learning_rate(cfg, self.world)
         self.gen, self.disc = make_sides(self.model, self.calc, t, self.lr, self.precision)
-        # Buffers the forward changes (EMA codebooks, BatchNorm statistics) go back on a bad step.
-        buffers = [b for side in self.sides for b in side.module.buffers() if b.is_floating_point()]
-        self.guard = StepGuard(buffers, self.device, t.max_bad_steps, scaled=self.gen.scaler is not None)
+        # Buffers the forward changes (EMA codebooks, BatchNorm statistics and batch counts)
+        # go back on a bad step.
+        buffers = [b for side in self.sides for b in side.module.buffers()]
+        self.guard = StepGuard(buffers, t.max_bad_steps, scaled=self.gen.scaler is not None)
 
         self.images_per_step = t.batch_size * t.accumulate_grad_batches * self.world
         self.max_steps = t.max_steps
@@ -179,7 +196,21 @@ class Trainer:
         # Dropout / Gumbel noise differ per rank from here on; restored RNG states win on resume.
         if resume is None or not resume.train_state:
             seed_everything(t.seed + 1000 * self.rank + self.step)
+        if t.compile:
+            self._compile()
         self.net = self._wrap_for_ranks(self.model)
+
+    def _compile(self) -> None:
+        """train.compile: torch.compile each network in place (``nn.Module.compile``), so
+        ``state_dict`` keys, checkpoints and the optimizers see the modules as they were."""
+        if COMPILE_BACKEND == "inductor" and not torch_compile_can_build():
+            raise UserError("train.compile needs a C++ compiler for torch.compile's inductor backend and none was "
+                            "found (looked for $CXX, g++, c++, clang++ on PATH): install one (e.g. apt-get install "
+                            "g++) or set train.compile=false")
+        for side in self.sides:
+            side.module.compile(backend=COMPILE_BACKEND)
+        self.notes.append("torch.compile: the first steps compile the generator"
+                          + (" and the discriminator" if self.disc is not None else "") + " (slower)")
 
     @property
     def sides(self) -> Sequence[Side]:
@@ -229,9 +260,12 @@ class Trainer:
         metrics = MetricsWindow(log, tuple(self.model.codebook_sizes), self.device,
                                 t.log_every)
         grids = ImageGrids(log, t.image_every, enabled=self.is_main)
-        callbacks = [metrics, grids, PeriodicCheckpoint(t.ckpt_every), StopOnSignal(stop, log, self.device)]
+        callbacks = [metrics, grids, PeriodicCheckpoint(t.ckpt_every), StopOnSignal(stop, log)]
         if self.time_limit_s is not None:
-            callbacks.append(TimeLimit(self.time_limit_s, started, log, self.device))
+            callbacks.append(TimeLimit(self.time_limit_s, started, log))
+        # Every per-step decision of every rank (bad step, stop requests) in one vote.
+        voting = [cb for cb in callbacks if cb.vote is not None]
+        vote = StepVote(StepGuard.flags(self.sides) + [cb.vote for cb in voting], self.device)
         self.model.train()
         self.calc.train()
 
@@ -242,40 +276,42 @@ class Trainer:
                 scalars.update(self.optins.before_step(step))   # the learning rate, when scheduled
                 update_disc = self.disc is not None and self.calc.should_update_discriminator(step)
                 stepping = [self.gen, self.disc] if update_disc else [self.gen]
+                vote.clear()
                 self.guard.snapshot()
                 for side in self.sides:
                     side.zero_grad()
 
                 # ---- forward / backward over the micro-batches ------------------------
-                bad, out, step_logs, images = False, None, [], None
+                # Nothing here reads a value on the host: the guard raises the vote's flags on
+                # the device, and a non-finite loss only makes gradients the skip drops.
+                out, step_logs, step_codes = None, [], []
                 for micro in range(accumulate):
-                    batch = next(batches)
-                    if bad:
-                        continue        # drain the step's batches so the data stays aligned
-                    batch = self._prepare(batch, step)
-                    images = batch["image"]
+                    batch = self._memory_format(self._prepare(next(batches), step))
+                    images = batch["image"]        # the dead-code restart's encoder outputs
                     with self._sync_gradients(micro == accumulate - 1):
                         with autocast(self.precision, self.device):
                             out = self.calc.generator_step(self.net, batch, step)
-                        if not self.guard.finite(out.loss):
-                            bad = True
-                            continue
+                        self.guard.watch_loss(vote, out.loss)
                         self.gen.backward(out.loss / accumulate)
                     if update_disc:
                         with autocast(self.precision, self.device):
                             d_loss, d_log = self.calc.discriminator_step(out, step)
-                        if not self.guard.finite(d_loss):
-                            bad = True
-                            continue
+                        self.guard.watch_loss(vote, d_loss)
                         self.disc.backward(d_loss / accumulate)
                         step_logs.append(d_log)
                     step_logs.append(out.log)
-                    metrics.codes.add(out.codes)
+                    step_codes.append(out.codes)
                     self.optins.observe(out.codes)
 
-                # ---- optimizer steps (or undo the step) ---------------------------------
-                norms = {} if bad else {f"grad_norm/{s.name}": s.unscale_and_clip() for s in stepping}
-                bad = bad or not self.guard.norms_finite(norms.values())
+                # ---- the step's one host read, then optimizer steps (or undo the step) ---
+                norms = {}
+                for side in stepping:
+                    norms[f"grad_norm/{side.name}"] = norm = side.unscale_and_clip()
+                    self.guard.watch_norm(vote, side, norm)
+                for cb in voting:
+                    vote.raise_if(cb.vote, cb.wants_stop(self))
+                verdict = vote.read()
+                bad = self.guard.is_bad(verdict, stepping)
                 if bad:
                     log.message(self.guard.skip(step, self.sides))
                     if self.guard.exhausted:
@@ -286,8 +322,8 @@ class Trainer:
                 else:
                     self.guard.passed()
                     for side in stepping:
-                        side.step()
-                    metrics.add_step(step_logs, norms)
+                        side.step(grads_finite=not verdict[grad_flag(side)])
+                    metrics.add_step(step_logs, norms, step_codes)
                 self.step += 1
                 # weight EMA, dead-code restarts (after the optimizer steps; nothing when off)
                 restarted = self.optins.after_step(self.step, bad, images)
@@ -297,7 +333,7 @@ class Trainer:
 
                 # ---- logs, images, checkpoints, stop requests ---------------------------
                 finished = self.max_steps is not None and self.step >= self.max_steps
-                end = StepEnd(step, self.step, finished, skipped=bad, out=out, scalars=scalars)
+                end = StepEnd(step, self.step, finished, skipped=bad, out=out, scalars=scalars, votes=verdict)
                 # In order; the first callback that asks to stop ends the run.
                 if any(cb.after_step(self, end) for cb in callbacks):
                     break
@@ -318,6 +354,12 @@ class Trainer:
         batch = {k: (v.to(self.device, non_blocking=True) if torch.is_tensor(v) else v) for k, v in batch.items()}
         batch["image"] = to_model_range(batch["image"])
         return self.batch_augmenter(batch, step) if self.batch_augmenter is not None else batch
+
+    def _memory_format(self, batch: Dict) -> Dict:
+        """train.channels_last: the images in NHWC, like the weights."""
+        if self.cfg.train.channels_last and torch.is_tensor(batch.get("image")) and batch["image"].dim() == 4:
+            batch["image"] = batch["image"].contiguous(memory_format=torch.channels_last)
+        return batch
 
     def _sync_gradients(self, last_micro: bool):
         """DDP: all-reduce gradients once, after the last micro-batch."""
@@ -379,6 +421,13 @@ class Trainer:
             log.message(f"note: {note}")
         if self.run_dir:
             log.message(f"run folder: {self.run_dir}")
+
+
+def torch_compile_can_build() -> bool:
+    """Whether torch.compile's default (inductor) backend finds the C++ compiler it builds
+    its kernels (CPU) and launchers (GPU) with."""
+    names = [os.environ.get("CXX")] + ["g++", "c++", "clang++"]
+    return any(name and shutil.which(name) for name in names)
 
 
 def default_device() -> torch.device:

@@ -38,8 +38,12 @@ def add_codes_(counts: torch.Tensor, codes: torch.Tensor) -> torch.Tensor:
     n = counts.numel()
     codes = codes.reshape(-1).to(counts.device)
     inside = (codes >= 0) & (codes < n)
-    binned = torch.bincount(torch.where(inside, codes, torch.full_like(codes, n)), minlength=n + 1)
-    counts += binned[:n].to(counts.dtype)
+    # index_add_, not bincount: CUDA's bincount reads the largest code on the host to size
+    # its output, a synchronisation per call.
+    binned = torch.zeros(n + 1, dtype=counts.dtype, device=counts.device)
+    binned.index_add_(0, torch.where(inside, codes, torch.full_like(codes, n)),
+                      torch.ones(codes.shape, dtype=counts.dtype, device=counts.device))
+    counts += binned[:n]
     return binned[n]
 
 
