@@ -42,7 +42,8 @@ def init_codebook_from_data(model: nn.Module, cfg, data: DataSpec) -> Dict[str, 
     independent of rank) with the same seed, and draws from no global RNG (so resuming
     stays exact); rank 0's buffers are then broadcast so the codebooks are identical even
     where GPU kernels are not bit-deterministic.  Returns what the run header reports:
-    ``{"crops", "vectors" (per codebook), "codes" (per codebook)}``.
+    ``{"crops", "vectors" (per codebook), "codes" (per codebook)}``, plus ``"kmeans_iters"``
+    with the k-means start.
     """
     iters = int(cfg.train.init_codebook_kmeans_iters or 0)
     key = "train.init_codebook_kmeans_iters" if iters else "train.init_codebook_from_data"
@@ -70,7 +71,8 @@ def init_codebook_from_data(model: nn.Module, cfg, data: DataSpec) -> Dict[str, 
         # broadcasts from rank 0 when it wraps the model.
         for buf in model.buffers():
             dist.broadcast(buf, src=0)
-    return {"crops": n, "vectors": tuple(drawn), "codes": tuple(model.codebook_sizes), "kmeans_iters": iters}
+    report = {"crops": n, "vectors": tuple(drawn), "codes": tuple(model.codebook_sizes)}
+    return {**report, "kmeans_iters": iters} if iters else report
 
 
 def kmeans_start(model: nn.Module, images, seed: int, batch_size: int, iters: int) -> Tuple[int, ...]:
