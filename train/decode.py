@@ -34,7 +34,7 @@ from train.cli import CommandParser, check_out_path, parse_device, positive_int
 from train.encode import (IMAGES, INDEX, VERSION, code_grids, default_device, load_tokenizer, read_json,
                           sha256_file, weights_digest)
 from train.errors import UserError
-from train.weight_ema import WEIGHT_CHOICES
+from train.weight_ema import add_weights_argument
 
 DEFAULT_BATCH = 16
 
@@ -216,8 +216,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--images", help="only these images: paths as in images.csv or file names, comma-separated")
     p.add_argument("--batch-size", type=positive_int, help=f"code maps per decoder forward (default {DEFAULT_BATCH})")
     p.add_argument("--device", help="cpu, cuda, cuda:1 ... (default: cuda when available)")
-    p.add_argument("--weights", choices=WEIGHT_CHOICES,
-                   help="ema | raw, as encode took (default: ema when present, as encode)")
+    add_weights_argument(p)
     return p
 
 

@@ -61,7 +61,7 @@ import torch
 from train import atomic
 from train.cli import CommandParser, check_out_path, parse_device, positive_int
 from train.errors import UserError
-from train.weight_ema import WEIGHT_CHOICES
+from train.weight_ema import add_weights_argument
 
 FORMAT = "vqtok-codes"
 VERSION = 1
@@ -597,8 +597,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--workers", type=int, help="data loading processes (default train.num_workers)")
     p.add_argument("--device", help="cpu, cuda, cuda:1 ... (default: cuda when available)")
     p.add_argument("--overwrite", action="store_true", help="replace the codes an earlier encode left in --out")
-    p.add_argument("--weights", choices=WEIGHT_CHOICES,
-                   help="ema: the weight EMA (train.ema_decay), raw: the trained weights (default: ema when present)")
+    add_weights_argument(p)
     return p
 
 

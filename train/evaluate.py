@@ -76,7 +76,7 @@ from train.eval_report import format_report, json_safe, write_csv, write_grid, w
 from train.image_metrics import SSIM_DATA_RANGES, pixel_errors, ssim, ssim_convention
 from train.usage import add_codes_, codebook_stats
 from train.sources import Source, locate, read_state
-from train.weight_ema import WEIGHT_CHOICES
+from train.weight_ema import add_weights_argument
 from train.version import __version__
 
 # Crops of the built-in photographs when --num-images is not given (the demo's count).
@@ -633,8 +633,7 @@ def build_parser() -> argparse.ArgumentParser:
                                  "or the torch hub cache)")
     p.add_argument("--no-lpips", action="store_true", help="do not compute LPIPS")
     p.add_argument("--device", help="cpu, cuda, cuda:1 ... (default: cuda when available)")
-    p.add_argument("--weights", choices=WEIGHT_CHOICES,
-                   help="ema: the weight EMA (train.ema_decay), raw: the trained weights (default: ema when present)")
+    add_weights_argument(p)
     p.add_argument("--json", action="store_true", help="print the report as JSON")
     p.add_argument("--out", help="also write the JSON report to this file")
     p.add_argument("--csv", metavar="FILE", help="write per-image metrics (index, path, psnr, ssim, mse, l1, lpips)")

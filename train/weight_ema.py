@@ -21,7 +21,7 @@ raw weights; ``eval`` and ``encode`` use the shadows when present (``--weights e
 """
 from __future__ import annotations
 
-from typing import Dict, Iterable, Optional, Tuple
+from typing import Dict, Optional, Tuple
 
 import torch
 from torch import nn
@@ -104,8 +104,11 @@ def choose_weights(model_weights: Dict[str, torch.Tensor], ema: Optional[Dict[st
     return apply_ema(model_weights, ema), "ema"
 
 
-def named_shadows(names: Iterable[str]) -> Dict[str, str]:
-    return {n: shadow_name(n) for n in names}
+def add_weights_argument(parser) -> None:
+    """``--weights ema|raw`` of ``eval``, ``encode`` and ``decode``."""
+    parser.add_argument("--weights", choices=WEIGHT_CHOICES,
+                        help="ema: the weight EMA (train.ema_decay), raw: the trained weights "
+                             "(default: ema when the checkpoint has it)")
 
 
-__all__ = ["WeightEMA", "split_ema", "apply_ema", "choose_weights", "shadow_name", "PREFIX", "WEIGHT_CHOICES"]
+__all__ = ["WeightEMA", "split_ema", "apply_ema", "choose_weights", "add_weights_argument", "shadow_name", "PREFIX", "WEIGHT_CHOICES"]
