@@ -659,7 +659,7 @@ def cli_main(argv: List[str]) -> int:
         if value is not None:
             check_out_path(value, "file", "eval", flag)
 
-    from train.fit import init_distributed
+    from train.launch import init_distributed
 
     started_dist = init_distributed()
     try:
