@@ -3,7 +3,6 @@ dead-code restart (``train.dead_code_threshold``), weight EMA (``train.ema_decay
 ``model_ema.*`` layout) and the learning-rate schedule (``train.lr_schedule``,
 ``warmup_steps``, ``min_lr_ratio``): each key's effect, exact resume, bad values refused,
 defaults untouched."""
-import json
 import math
 
 import pytest
