@@ -28,7 +28,6 @@ from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 import yaml
 
-import losses  # noqa: F401  (registers the loss families' implementations)
 from adapters import registry
 from omegaconf import OmegaConf
 from omegaconf.errors import OmegaConfBaseException
@@ -482,6 +481,9 @@ def rule_crop_size(data: Dict[str, Any], out: List[Finding]) -> None:
 
 def collect(norm: Normalized) -> List[Finding]:
     """Run every rule on a normalized config and return all findings (errors first)."""
+    # Registers the loss families' implementations (their parameter rules).  Imported here,
+    # not at the top: a file that cannot be read is refused without torchvision's 1.6 s import.
+    import losses  # noqa: F401
     out: List[Finding] = []
     rule_input(norm, out)
     rule_schema(norm.data, out)
