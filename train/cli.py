@@ -21,7 +21,7 @@ import re
 import signal
 import sys
 import threading
-from typing import List, Optional
+from typing import List, Optional, Tuple
 
 from train.errors import UserError
 
@@ -54,6 +54,18 @@ def positive_int(text: str) -> int:
     if value < 1:
         raise argparse.ArgumentTypeError(f"{text!r} must be >= 1")
     return value
+
+
+def positionals(items: List[str], command: str, count: int, what: str, usage: str) -> Tuple[List[str], List[str]]:
+    """Split a command's free items into ``count`` positional arguments (``what``, e.g. "one
+    SOURCE") and ``key=value`` overrides (an item with '=' is an override); a wrong count is
+    one line naming what it got and the usage."""
+    positional = [i for i in items if "=" not in i]
+    overrides = [i for i in items if "=" in i]
+    if len(positional) != count:
+        got = f"got {', '.join(positional)}" if positional else "got none"
+        raise UserError(f"{command}: {what} expected ({got}); usage: {usage}")
+    return positional, overrides
 
 
 def parse_device(text: str, command: str):

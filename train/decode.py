@@ -30,7 +30,7 @@ import numpy as np
 import torch
 
 from train import atomic
-from train.cli import CommandParser, check_out_path, parse_device, positive_int
+from train.cli import CommandParser, check_out_path, parse_device, positionals, positive_int
 from train.encode import (IMAGES, INDEX, VERSION, code_grids, default_device, load_tokenizer, read_json,
                           sha256_file, weights_digest)
 from train.errors import UserError
@@ -222,11 +222,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 def cli_main(argv: List[str]) -> int:
     args = build_parser().parse_intermixed_args(argv)
-    positional = [i for i in args.items if "=" not in i]
-    overrides = [i for i in args.items if "=" in i]
-    if len(positional) != 2:
-        raise UserError(f"decode: SOURCE and CODES_DIR expected (got {len(positional)} argument(s)); usage: "
-                        "python -m train decode RUN_DIR|CKPT CODES_DIR --out PNG_DIR [--images a,b]")
+    positional, overrides = positionals(args.items, "decode", 2, "SOURCE and CODES_DIR",
+                                        "python -m train decode RUN_DIR|CKPT CODES_DIR --out PNG_DIR [--images a,b]")
     if args.device is not None:
         parse_device(args.device, "decode")
     check_out_path(args.out, "folder", "decode")

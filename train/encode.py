@@ -59,7 +59,7 @@ import numpy as np
 import torch
 
 from train import atomic
-from train.cli import CommandParser, check_out_path, parse_device, positive_int
+from train.cli import CommandParser, check_out_path, parse_device, positionals, positive_int
 from train.errors import UserError
 from train.weight_ema import add_weights_argument
 
@@ -603,18 +603,15 @@ def build_parser() -> argparse.ArgumentParser:
 
 def cli_main(argv: List[str]) -> int:
     args = build_parser().parse_intermixed_args(argv)
-    sources = [i for i in args.items if "=" not in i]
-    overrides = [i for i in args.items if "=" in i]
-    if len(sources) != 1:
-        got = f"got {', '.join(sources)}" if sources else "got none"
-        raise UserError(f"encode: one SOURCE expected ({got}); usage: python -m train encode RUN_DIR|CKPT "
-                        "--data PATH|builtin --out CODES_DIR [key=value ...]")
+    (source,), overrides = positionals(args.items, "encode", 1, "one SOURCE",
+                                       "python -m train encode RUN_DIR|CKPT --data PATH|builtin --out CODES_DIR "
+                                       "[key=value ...]")
     if args.device is not None:
         parse_device(args.device, "encode")
     if args.workers is not None and args.workers < 0:
         raise UserError(f"encode: --workers {args.workers} must be >= 0")
     check_out_path(args.out, "folder", "encode")
-    encode(sources[0], args.data, args.out, batch_size=args.batch_size, shard_size=args.shard_size,
+    encode(source, args.data, args.out, batch_size=args.batch_size, shard_size=args.shard_size,
            overrides=overrides, device=args.device, overwrite=args.overwrite, num_workers=args.workers,
            weights=args.weights)
     return 0

@@ -69,7 +69,7 @@ from typing import Any, Dict, Iterable, List, Optional, Sequence, Tuple
 
 import torch
 
-from train.cli import CommandParser, check_out_path, parse_device, positive_int
+from train.cli import CommandParser, check_out_path, parse_device, positionals, positive_int
 from train.checkpoint import LAST_WEIGHTS
 from train.errors import UserError
 from train.eval_report import format_report, json_safe, write_csv, write_grid, write_json, write_ref_stats
@@ -645,12 +645,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 def cli_main(argv: List[str]) -> int:
     args = build_parser().parse_intermixed_args(argv)
-    sources = [i for i in args.items if "=" not in i]
-    overrides = [i for i in args.items if "=" in i]
-    if len(sources) != 1:
-        got = f"got {', '.join(sources)}" if sources else "got none"
-        raise UserError(f"eval: one SOURCE expected ({got}); usage: python -m train eval RUN_DIR|CKPT|MIGRATED_DIR "
-                        "[--data PATH|builtin] [--split val|train] [--num-images N] [--json] [key=value ...]")
+    (source,), overrides = positionals(args.items, "eval", 1, "one SOURCE",
+                                       "python -m train eval RUN_DIR|CKPT|MIGRATED_DIR [--data PATH|builtin] "
+                                       "[--split val|train] [--num-images N] [--json] [key=value ...]")
     if args.device is not None:
         parse_device(args.device, "eval")
     # Output paths are checked before the evaluation, which can take long, rather than at the end.
@@ -663,7 +660,7 @@ def cli_main(argv: List[str]) -> int:
 
     started_dist = init_distributed()
     try:
-        return _run_cli(args, sources[0], overrides)
+        return _run_cli(args, source, overrides)
     finally:
         if started_dist:
             import torch.distributed as dist
