@@ -249,7 +249,7 @@ def _code_out_of_range(encoded, tmp_path):
     array[0, 2, 3] = 200                       # the tiny codebook has 16 codes
     np.save(path, array)
     index = json.loads((codes / "index.json").read_text())
-    from train.encode import sha256_file
+    from train.atomic import sha256_file
     index["shards"][1]["files"]["bottom"]["sha256"] = sha256_file(str(path))   # consistent, but out of range
     (codes / "index.json").write_text(json.dumps(index))
     return codes

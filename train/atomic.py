@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import hashlib
 import os
 import re
 import shutil
@@ -248,6 +249,12 @@ def tensor_checksum(t: torch.Tensor) -> str:
     return f"{zlib.crc32(data) & 0xFFFFFFFF:08x}"
 
 
+def sha256_file(path: str) -> str:
+    """The SHA-256 of a file's bytes, read in blocks (weights files, encoded code shards)."""
+    with open(path, "rb") as fh:
+        return hashlib.file_digest(fh, "sha256").hexdigest()
+
+
 def _pid_alive(pid: int) -> bool:
     if pid == os.getpid():
         return False    # ours from an earlier process with this pid: nothing of ours is mid-write yet
@@ -280,5 +287,5 @@ def clean_stale_temporaries(folder: str) -> List[str]:
     return removed
 
 
-__all__ = ["replacing", "write_bytes", "write_text", "save_torch", "save_safetensors", "plain_tensors",
+__all__ = ["sha256_file", "replacing", "write_bytes", "write_text", "save_torch", "save_safetensors", "plain_tensors",
            "copy_file", "target_of", "write_error", "tensor_checksum", "CHECKSUM", "clean_stale_temporaries"]

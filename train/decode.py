@@ -32,7 +32,7 @@ import torch
 from train import atomic
 from train.cli import CommandParser, check_out_path, parse_device, positionals, positive_int
 from train.encode import (IMAGES, INDEX, VERSION, code_grids, default_device, load_tokenizer, read_json,
-                          sha256_file, weights_digest)
+                          weights_digest)
 from train.errors import UserError
 from train.weight_ema import add_weights_argument
 
@@ -134,7 +134,7 @@ def load_shard(codes_dir: str, index: Dict[str, Any], shard: int, sizes: Sequenc
     for cb, size in zip(index["codebooks"], sizes):
         info = entry["files"].get(cb["name"], {})
         path = os.path.join(codes_dir, str(info.get("file")))
-        if not os.path.isfile(path) or sha256_file(path) != info.get("sha256"):
+        if not os.path.isfile(path) or atomic.sha256_file(path) != info.get("sha256"):
             raise UserError(f"decode: {path} is missing or damaged (its sha256 differs from {INDEX}); run the encode "
                             "command again: it re-encodes damaged shards")
         try:

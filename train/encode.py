@@ -96,14 +96,6 @@ def sha256_bytes(data: bytes) -> str:
     return hashlib.sha256(data).hexdigest()
 
 
-def sha256_file(path: str) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for block in iter(lambda: fh.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
-
-
 def weights_digest(model: torch.nn.Module) -> str:
     """sha256 of the model's state dict (names, dtypes, shapes and bytes, in name order): the
     identity of the weights that encode, whatever file they came from."""
@@ -379,7 +371,7 @@ def finished_shard(out: str, shard: int, digest: str, paths: Sequence[str]) -> T
         return None, f"{path} lists other images"
     for name, info in meta.get("files", {}).items():
         file = os.path.join(out, str(info.get("file")))
-        if not os.path.isfile(file) or sha256_file(file) != info.get("sha256"):
+        if not os.path.isfile(file) or atomic.sha256_file(file) != info.get("sha256"):
             return None, f"{file} is missing or damaged"
     return meta, ""
 
@@ -618,4 +610,4 @@ def cli_main(argv: List[str]) -> int:
 
 
 __all__ = ["cli_main", "encode", "load_tokenizer", "code_dtype", "code_grids", "weights_digest", "read_json",
-           "sha256_file", "to_model_input", "FORMAT", "VERSION", "INDEX", "IMAGES", "PLAN"]
+           "to_model_input", "FORMAT", "VERSION", "INDEX", "IMAGES", "PLAN"]

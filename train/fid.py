@@ -28,7 +28,6 @@ all-reduce before the statistics are formed.
 """
 from __future__ import annotations
 
-import hashlib
 import io
 import os
 import sys
@@ -37,6 +36,7 @@ from typing import Any, Dict, Optional, Tuple
 import numpy as np
 import torch
 
+from train import atomic
 from train.errors import UserError
 from train.safe_load import UnreadableFile, load_weights_file
 
@@ -79,11 +79,6 @@ def find_inception(path_arg: Optional[str], required: bool) -> Optional[str]:
     return None
 
 
-def file_sha256(path: str) -> str:
-    with open(path, "rb") as fh:
-        return hashlib.file_digest(fh, "sha256").hexdigest()
-
-
 def _extractor_class():
     from torch_fidelity.feature_extractor_inceptionv3 import FeatureExtractorInceptionV3
 
@@ -119,7 +114,7 @@ def load_inception(path: str, device: torch.device) -> Tuple[torch.nn.Module, Di
     if parts:
         raise UserError(f"eval: Inception weights {path} do not fit torch-fidelity's InceptionV3: keys "
                         f"{'; '.join(parts)}; {fix}")
-    digest = file_sha256(path)
+    digest = atomic.sha256_file(path)
     standard = digest == INCEPTION_SHA256
     if not standard:
         print(f"eval: warning: {path} is not the standard {INCEPTION_FILE} (SHA-256 {digest}, expected "
@@ -347,5 +342,5 @@ def load_ref_stats(path: str) -> Tuple[np.ndarray, np.ndarray, Dict[str, str]]:
 
 
 __all__ = ["INCEPTION_FILE", "INCEPTION_SHA256", "FEATURE_DIM", "hub_inception_path", "find_inception",
-           "load_inception", "file_sha256", "random_inception_state", "to_uint8", "FeatureStats", "RFID", "frechet_distance", "ref_stats_bytes",
+           "load_inception", "random_inception_state", "to_uint8", "FeatureStats", "RFID", "frechet_distance", "ref_stats_bytes",
            "load_ref_stats"]
