@@ -38,6 +38,20 @@ from torch import nn
 from train.errors import UserError
 
 
+def straight_through(z: torch.Tensor, z_q: torch.Tensor) -> torch.Tensor:
+    """The quantized ``z_q`` forward, the identity to ``z`` backward: the straight-through
+    estimator of van den Oord et al. (VQ-VAE, 2017), which every quantizer here uses.
+
+    taming and rosinality write it ``z + (z_q - z).detach()``, whose value is ``z_q`` only up
+    to rounding (an ulp here and there), so a model's forward and the decoding of its own
+    codes differed by a grey level on a few pixels.  ``z_q.detach() + (z - z.detach())`` has
+    the same gradient (``z - z.detach()`` hands the incoming gradient to ``z`` unchanged and
+    nothing reaches ``z_q``) and its value is ``z_q`` exactly (``z - z`` is 0 for finite z),
+    so ``forward(x)`` is ``decode_code(*encode_code(x))`` bit for bit.
+    """
+    return z_q.detach() + (z - z.detach())
+
+
 class Tokenizer(nn.Module):
     """Base class of every registered model (defaults for the optional members)."""
 

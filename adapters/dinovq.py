@@ -39,7 +39,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from adapters.contract import Tokenizer, encode_in_chunks
+from adapters.contract import Tokenizer, encode_in_chunks, straight_through
 from adapters.dino_features import FeatureCache, FeatureShapeError
 from adapters.dino_teacher import DinoTeacher, load_teacher
 from adapters.distributed import all_reduce_sum_
@@ -125,7 +125,7 @@ class EMACodebook(nn.Module):
         if update:
             self._ema_update(flat.detach(), indices)
         commitment = F.mse_loss(z, z_q.detach())
-        z_q = z + (z_q - z).detach()   # straight-through estimator
+        z_q = straight_through(z, z_q)
         return z_q, commitment, indices.view(z.shape[:-1])
 
     @torch.no_grad()

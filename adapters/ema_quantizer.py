@@ -59,6 +59,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from adapters.contract import straight_through
 from adapters.distributed import all_reduce_sum_
 
 
@@ -261,8 +262,9 @@ class EMAVectorQuantizer(nn.Module):
                 self.embedding.ema_update(stats[:self.n_embed], stats[self.n_embed:].view_as(weight))
 
         loss = self.beta * F.mse_loss(z_q.detach(), z_bhwc)
-        # Straight-through estimator: forward uses the code, backward copies the gradient to z.
-        z_q = z_bhwc + (z_q - z_bhwc).detach()
+        # Straight-through estimator: forward uses the code (exactly), backward copies the
+        # gradient to z.
+        z_q = straight_through(z_bhwc, z_q)
         z_q = z_q.permute(0, 3, 1, 2).contiguous()
 
         # Perplexity of this rank's batch, as upstream reports it.

@@ -48,7 +48,7 @@ from typing import Any, Dict, List, Optional, Tuple
 import torch
 from torch import nn
 
-from adapters.contract import Tokenizer, encode_in_chunks
+from adapters.contract import Tokenizer, encode_in_chunks, straight_through
 from adapters.ema_quantizer import EMAVectorQuantizer
 from adapters.vq_lookup import LookupQuantizer
 from adapters.registry import (IMAGE_CHANNELS, MAX_BLOCKS, MAX_CODES, MAX_IMAGE_SIZE, MAX_WIDTH, LossFamilySpec,
@@ -269,6 +269,8 @@ class TamingVQGAN(Tokenizer):
 
             self.quantize = _quiet_build(VectorQuantizer2, n_e=n_embed, e_dim=embed_dim, beta=beta,
                                          remap=remap, sane_index_shape=sane_index_shape)
+        # taming's own VectorQuantizer2: encode() replaces its rounded straight-through value.
+        self._upstream_vq = type(self.quantize).__name__ == "VectorQuantizer2"
         self.quant_conv = nn.Conv2d(z_channels, embed_dim, 1)
         self.post_quant_conv = nn.Conv2d(embed_dim, z_channels, 1)
         if colorize_nlabels is not None:
@@ -358,8 +360,21 @@ class TamingVQGAN(Tokenizer):
         return self.quant_conv(self.encoder(x))
 
     def encode(self, x: torch.Tensor):
-        """``(quant, codebook_loss, (perplexity, min_encodings, indices))`` as taming's encode."""
-        return self.quantize(self.encode_to_prequant(x))
+        """``(quant, codebook_loss, (perplexity, min_encodings, indices))`` as taming's encode.
+
+        With taming's own ``VectorQuantizer2`` (VQ / NoDisc, no ``remap``) ``quant`` is the
+        codebook entry of ``indices`` exactly (``adapters.contract.straight_through``), where
+        upstream's ``z + (z_q - z).detach()`` rounds it: the lookup and the loss stay
+        upstream's, the codebook gather is repeated here.  With ``remap`` the returned
+        indices are renumbered and cannot name the entry, so upstream's value is kept.
+        """
+        z = self.encode_to_prequant(x)
+        quant, loss, info = self.quantize(z)
+        if self._upstream_vq and self.quantize.remap is None:
+            b, _, h, w = z.shape
+            entry = self.quantize.get_codebook_entry(info[2].reshape(-1), (b, h, w, self.embed_dim))
+            quant = straight_through(z, entry)
+        return quant, loss, info
 
     def decode(self, quant: torch.Tensor) -> torch.Tensor:
         dec = self.decoder(self.post_quant_conv(quant))

@@ -48,6 +48,8 @@ import torch.nn.functional as F
 from taming.modules.vqvae.quantize import VectorQuantizer2
 from torch import nn
 
+from adapters.contract import straight_through
+
 
 class LookupQuantizer(VectorQuantizer2):
     """``VectorQuantizer2`` with ``l2_norm`` and a ``lookup_dim`` lookup space (module docstring).
@@ -100,7 +102,7 @@ class LookupQuantizer(VectorQuantizer2):
         indices = distances.argmin(dim=1)
         z_q = codes[indices]
         loss = torch.mean((z_q.detach() - z) ** 2) + self.beta * torch.mean((z_q - z.detach()) ** 2)
-        z_q = z + (z_q - z).detach()
+        z_q = straight_through(z, z_q)
         z_q = self._from_lookup(z_q).reshape(b, h, w, self.model_dim).permute(0, 3, 1, 2).contiguous()
         if self.remap is not None:
             indices = self.remap_to_used(indices.reshape(b, -1)).reshape(-1, 1)

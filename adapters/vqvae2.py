@@ -43,7 +43,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from adapters.contract import Tokenizer, encode_in_chunks
+from adapters.contract import Tokenizer, encode_in_chunks, straight_through
 from adapters.distributed import all_reduce_sum_
 from adapters.ema_quantizer import ema_step_, pick_code_vectors
 from adapters.registry import (IMAGE_CHANNELS, MAX_BLOCKS, MAX_CODES, MAX_WIDTH, LossFamilySpec, check_model_args,
@@ -103,7 +103,7 @@ class Quantize(nn.Module):
             if self.training:
                 self._ema_update(flat, ids)
             commit = (quant.detach() - z.float()).pow(2).mean()
-        quant = z + (quant - z).detach()   # straight-through estimator
+        quant = straight_through(z, quant)
         return quant, commit, ids.view(*z.shape[:-1])
 
     @torch.no_grad()

@@ -168,6 +168,29 @@ def test_streaming_statistics_and_distance_match_numpy_and_torch_fidelity():
         FeatureStats(dim=4).mu_sigma()
 
 
+def test_loaded_extractor_is_torch_fidelitys_with_batch_norm_folded(inception_file):
+    """What ``load_inception`` hands out: torch-fidelity's extractor built from the same file
+    (its own constructor), but with no batch norm left and channels-last weights; the pool
+    features agree to float rounding."""
+    from torch_fidelity.feature_extractor_inceptionv3 import FeatureExtractorInceptionV3
+
+    from train.fid import load_inception
+
+    with contextlib.redirect_stderr(io.StringIO()):      # "not the standard file"
+        ours, info = load_inception(inception_file, torch.device("cpu"))
+    assert info["standard"] is False
+    theirs = FeatureExtractorInceptionV3("inception-v3-compat", ["2048"], feature_extractor_weights_path=inception_file)
+    assert any(isinstance(m, torch.nn.BatchNorm2d) for m in theirs.modules())
+    assert not any(isinstance(m, torch.nn.BatchNorm2d) for m in ours.modules())
+    convs = [m for m in ours.modules() if isinstance(m, torch.nn.Conv2d)]
+    assert len(convs) == 94 and all(c.weight.is_contiguous(memory_format=torch.channels_last) for c in convs)
+    x = torch.from_numpy(np.random.default_rng(3).integers(0, 256, (2, 3, 40, 52), dtype=np.uint8))
+    with torch.no_grad():
+        got, want = ours(x)[0], theirs(x)[0]
+    assert want.abs().max() > 0.1                        # real features, not ~0
+    torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
+
+
 def test_rfid_ssim_psnr_match_the_reference_implementations(one_process, reference, inception_file):
     import torch_fidelity
     from torchmetrics.functional.image import structural_similarity_index_measure

@@ -657,9 +657,15 @@ def type_errors(data: Dict[str, Any]) -> List[Tuple[str, str]]:
                 problems.append((key, f"expected a mapping, got {type(section).__name__}"))
             continue
         base = OmegaConf.structured(cls)
-        for sub, value in section.items():
-            if sub not in base:
-                continue
+        known = {sub: value for sub, value in section.items() if sub in base}
+        try:
+            # The fields are independent: the whole section merges iff each key does, so one
+            # merge clears a good section (each merge copies the base: ~6 ms per call).
+            OmegaConf.merge(base, known)
+            continue
+        except (OmegaConfBaseException, TypeError, ValueError):
+            pass
+        for sub, value in known.items():
             try:
                 OmegaConf.merge(base, {sub: value})
             except (OmegaConfBaseException, TypeError, ValueError) as exc:
