@@ -1,6 +1,5 @@
 """Training data: folders, file lists, taming CustomTrain sections, builtin photos, bad files,
 and the step-addressed sampling that makes resume exact."""
-import os
 
 import numpy as np
 import pytest

@@ -35,7 +35,7 @@ from omegaconf import OmegaConf
 from PIL import Image
 
 from train.cli import main
-from train.data import (DataSpec, ImageCrops, ImageRefused, crop_image, list_folder, load_rgb, resolve_data,
+from train.data import (DataSpec, ImageCrops, ImageRefused, list_folder, load_rgb, resolve_data,
                         to_model_range)
 from train.schema import make_config
 from tests.test_data import write_images as write_random_images

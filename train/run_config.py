@@ -13,7 +13,7 @@ stops here, all errors at once, each with its fix::
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any, List, Optional, Sequence
+from typing import List, Optional, Sequence
 
 from omegaconf import DictConfig
 
