@@ -3,6 +3,7 @@ crops and reconstructions as PNG, then torch-fidelity on the two folders).  Not 
 
     .venv/bin/python benchmarks/bench_eval.py                      # a few minutes on 2 busy cores
     .venv/bin/python benchmarks/bench_eval.py --images 64 --size 256 --repeats 3
+    .venv/bin/python benchmarks/bench_eval.py --images 256 --size 256 --device cuda --out benchmarks/results/bench_eval_cuda.txt
 
 Both pipelines start from the same image folder and the same model folder (a tiny vqvae2
 saved as ``config.yaml`` + ``model.safetensors``) and use the same Inception weights file
@@ -72,16 +73,18 @@ def make_inputs(folder: str, n: int, size: int):
     return photos, model_dir, inception
 
 
-def one_pass(photos: str, model_dir: str, inception: str, batch: int, ref_stats=None, save_ref_stats=None) -> float:
+def one_pass(photos: str, model_dir: str, inception: str, batch: int, ref_stats=None, save_ref_stats=None,
+             device: str = "cpu") -> float:
     from train.evaluate import evaluate
 
     with contextlib.redirect_stderr(io.StringIO()):    # the "not the standard file" warning
         report = evaluate(model_dir, data=photos, inception=inception, lpips=False, batch_size=batch,
-                          ref_stats=ref_stats, save_ref_stats=save_ref_stats)
+                          ref_stats=ref_stats, save_ref_stats=save_ref_stats, device=device)
     return report["rfid"]
 
 
-def two_steps(photos: str, model_dir: str, inception: str, batch: int, out: str, cache_root=None) -> float:
+def two_steps(photos: str, model_dir: str, inception: str, batch: int, out: str, cache_root=None,
+              device: str = "cpu") -> float:
     """What users do without the one-pass evaluation: reconstructions to disk, then
     torch-fidelity.  With ``cache_root`` the real side comes from torch-fidelity's own
     statistics cache (input1_cache_name "real"), so only reconstructions are written."""
@@ -98,7 +101,7 @@ def two_steps(photos: str, model_dir: str, inception: str, batch: int, out: str,
     cfg = load_config(os.path.join(model_dir, "config.yaml"))
     model = build_model(cfg)
     model.load_state_dict(load_file(os.path.join(model_dir, "model.safetensors")))
-    model.eval()
+    model.eval().to(device)
     size = int(cfg.data.image_size)
     real_dir, rec_dir = os.path.join(out, "real"), os.path.join(out, "rec")
     os.makedirs(real_dir)
@@ -108,17 +111,47 @@ def two_steps(photos: str, model_dir: str, inception: str, batch: int, out: str,
         for start in range(0, len(paths), batch):
             crops = np.stack([crop_image(load_rgb(p), size, np.random.default_rng(0), False, (1.0, 1.0))
                               for p in paths[start:start + batch]])
-            x = torch.from_numpy(crops).permute(0, 3, 1, 2).float() / 127.5 - 1
-            rec = ((model(x)[0].clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).permute(0, 2, 3, 1).numpy()
+            x = torch.from_numpy(crops).permute(0, 3, 1, 2).float().to(device) / 127.5 - 1
+            rec = ((model(x)[0].clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).permute(0, 2, 3, 1).cpu().numpy()
             for k in range(len(crops)):
                 if cache_root is None or not os.path.isdir(cache_root):
                     Image.fromarray(crops[k]).save(os.path.join(real_dir, f"{start + k:05d}.png"))
                 Image.fromarray(rec[k]).save(os.path.join(rec_dir, f"{start + k:05d}.png"))
     cache = {} if cache_root is None else {"cache": True, "cache_root": cache_root, "input1_cache_name": "real"}
-    metrics = torch_fidelity.calculate_metrics(input1=real_dir, input2=rec_dir, fid=True, cuda=False,
+    metrics = torch_fidelity.calculate_metrics(input1=real_dir, input2=rec_dir, fid=True, cuda=device == "cuda",
                                                verbose=False, feature_extractor_weights_path=inception,
                                                **({"cache": False} if cache_root is None else cache))
     return metrics["frechet_inception_distance"]
+
+
+THEIRS = "inception alone, torch-fidelity's"
+
+
+def inception_alone(inception: str, n: int, size: int, batch: int = 64, device: str = "cpu"):
+    """Seconds for the 2N Inception forwards alone: ``(ours, torch-fidelity's)``, i.e. the
+    extractor as ``eval`` loads it (batch norm folded, channels-last) and as torch-fidelity
+    builds it from the same file, on the same uint8 images, batches of 64 as both use."""
+    import torch
+    from torch_fidelity.feature_extractor_inceptionv3 import FeatureExtractorInceptionV3
+
+    from train.fid import load_inception
+
+    with contextlib.redirect_stderr(io.StringIO()):
+        ours, _ = load_inception(inception, torch.device(device))
+    theirs = FeatureExtractorInceptionV3("inception-v3-compat", ["2048"],
+                                         feature_extractor_weights_path=inception).to(device)
+    images = torch.randint(0, 256, (2 * n, 3, size, size), dtype=torch.uint8,
+                           generator=torch.Generator().manual_seed(0)).to(device)
+    seconds = []
+    for net in (ours, theirs):
+        started = time.perf_counter()
+        with torch.no_grad():
+            for start in range(0, images.shape[0], batch):
+                net(images[start:start + batch])
+        if device == "cuda":
+            torch.cuda.synchronize()
+        seconds.append(time.perf_counter() - started)
+    return tuple(seconds)
 
 
 def main() -> None:
@@ -128,6 +161,7 @@ def main() -> None:
     ap.add_argument("--batch", type=int, default=8, help="images per model forward (both pipelines)")
     ap.add_argument("--repeats", type=int, default=2)
     ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
     ap.add_argument("--out", default=os.path.join(ROOT, "benchmarks", "results", "bench_eval.txt"))
     args = ap.parse_args()
 
@@ -141,15 +175,19 @@ def main() -> None:
         photos, model_dir, inception = make_inputs(tmp, args.images, args.size)
         # The saved real sides the cached variants reuse (made once, not timed).
         ref = os.path.join(tmp, "ref.npz")
-        one_pass(photos, model_dir, inception, args.batch, save_ref_stats=ref)
+        one_pass(photos, model_dir, inception, args.batch, save_ref_stats=ref, device=args.device)
         cache_root = os.path.join(tmp, "fidelity_cache")
-        two_steps(photos, model_dir, inception, args.batch, os.path.join(tmp, "fill"), cache_root=cache_root)
+        two_steps(photos, model_dir, inception, args.batch, os.path.join(tmp, "fill"), cache_root=cache_root,
+                  device=args.device)
         runs = {
-            "one pass": lambda r: one_pass(photos, model_dir, inception, args.batch),
-            "two steps": lambda r: two_steps(photos, model_dir, inception, args.batch, os.path.join(tmp, f"a{r}")),
-            "one pass, --ref-stats": lambda r: one_pass(photos, model_dir, inception, args.batch, ref_stats=ref),
+            "one pass": lambda r: one_pass(photos, model_dir, inception, args.batch, device=args.device),
+            "two steps": lambda r: two_steps(photos, model_dir, inception, args.batch, os.path.join(tmp, f"a{r}"),
+                                             device=args.device),
+            "one pass, --ref-stats": lambda r: one_pass(photos, model_dir, inception, args.batch, ref_stats=ref,
+                                                        device=args.device),
             "two steps, input1 cached": lambda r: two_steps(photos, model_dir, inception, args.batch,
-                                                            os.path.join(tmp, f"b{r}"), cache_root=cache_root),
+                                                            os.path.join(tmp, f"b{r}"), cache_root=cache_root,
+                                                            device=args.device),
         }
         for r in range(args.repeats):
             for name in (names if r % 2 == 0 else names[::-1]):
@@ -159,11 +197,17 @@ def main() -> None:
                 times[name].append(time.perf_counter() - started)
                 values[name].append(value)
                 print(f"  repeat {r}: {name:<25} {times[name][-1]:7.2f} s  rFID {value:.4f}", flush=True)
-    med = {name: statistics.median(times[name]) for name in names}
+            alone = inception_alone(inception, args.images, args.size, device=args.device)
+            for name, t in zip(("inception alone, ours", THEIRS), alone):
+                times.setdefault(name, []).append(t)
+            print(f"  repeat {r}: 2N Inception forwards alone: ours {alone[0]:.2f} s, torch-fidelity's "
+                  f"{alone[1]:.2f} s", flush=True)
+    med = {name: statistics.median(t) for name, t in times.items()}
     gap = max(abs(a - b) for name in names for a, b in zip(values[name], values["two steps"]))
     lines = [
-        f"rFID of a tiny vqvae2 over {args.images} images at {args.size} px, batch {args.batch}, CPU "
-        f"({args.threads} threads, torch {torch.__version__}), median of {args.repeats}",
+        f"rFID of a tiny vqvae2 over {args.images} images at {args.size} px, batch {args.batch}, "
+        + (f"CPU ({args.threads} threads" if args.device == "cpu" else f"{torch.cuda.get_device_name()} ("
+           f"{args.threads} CPU threads") + f", torch {torch.__version__}), median of {args.repeats}",
         f"  one pass (python -m train eval)                          {med['one pass']:8.2f} s",
         f"  two steps (PNG folders + torch_fidelity.calculate_metrics) {med['two steps']:8.2f} s",
         f"  one pass, --ref-stats (real side saved once)             {med['one pass, --ref-stats']:8.2f} s",
@@ -171,6 +215,10 @@ def main() -> None:
         f"  one pass / two steps: {med['one pass'] / med['two steps']:.2f}x (target <= 0.6x); with saved real "
         f"sides: {med['one pass, --ref-stats'] / med['two steps, input1 cached']:.2f}x; "
         f"max |rFID difference| {gap:.1e}",
+        f"  the 2N Inception forwards alone: ours {med['inception alone, ours']:.2f} s (batch norm folded, "
+        f"channels-last), torch-fidelity's {med[THEIRS]:.2f} s: "
+        f"{med['inception alone, ours'] / med['one pass']:.0%} of the one pass, "
+        f"{med[THEIRS] / med['two steps']:.0%} of the two steps",
     ]
     text = "\n".join(lines) + "\n"
     print(text, end="")
