@@ -2,10 +2,13 @@
 detected, independent kept copies, typed checkpoint fields, no leftovers, special files left
 alone, clean write failures.  Every file is made in the test; every case ends with exit 2,
 one line naming the problem and the fix, and no traceback."""
+import contextlib
 import errno
+import io
 import json
 import os
 import random
+import shutil
 import signal
 import subprocess
 import sys
@@ -34,14 +37,24 @@ def one_line_error(capsys, *needles):
     return err
 
 
-@pytest.fixture
-def trained(tmp_path, capsys):
+@pytest.fixture(scope="module")
+def trained_once(tmp_path_factory):
     """A 2-step run with a kept copy at every step: checkpoints/{last,step-1,step-2}.ckpt."""
-    config = tiny_config(tmp_path, ckpt_every=1, image_every=1000)
-    out = tmp_path / "run"
-    assert run([config, "--out", str(out), "--max-steps", "2", "--no-bar"])[0] == 0
-    capsys.readouterr()
+    folder = tmp_path_factory.mktemp("trained")
+    config = tiny_config(folder, ckpt_every=1, image_every=1000)
+    out = folder / "run"
+    with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()):
+        assert run([config, "--out", str(out), "--max-steps", "2", "--no-bar"])[0] == 0
     return config, out
+
+
+@pytest.fixture
+def trained(trained_once, tmp_path):
+    """This test's own copy of the trained run folder (tests damage it) and config."""
+    config, out = trained_once
+    shutil.copytree(out, tmp_path / "run", symlinks=True)
+    shutil.copy2(config, tmp_path / os.path.basename(config))
+    return str(tmp_path / os.path.basename(config)), tmp_path / "run"
 
 
 def dead_pid():

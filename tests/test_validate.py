@@ -233,13 +233,14 @@ def _unusable_files(tmp_path):
 
 def test_cli_unusable_files_exit_2_one_line(tmp_path):
     files = _unusable_files(tmp_path)
+    results = {}
     for kind, path in files.items():
-        res = run_cli(path)
+        res = results[kind] = run_cli(path)
         assert res.returncode == 2, (kind, res.stdout, res.stderr)
         lines = [l for l in res.stderr.splitlines() if l.strip()]
         assert len(lines) == 1 and "Traceback" not in res.stderr, (kind, res.stderr)
         assert path in lines[0], (kind, lines[0])
-    assert ":2:" in run_cli(files["json_syntax"]).stderr  # the line of the syntax error
+    assert ":2:" in results["json_syntax"].stderr  # the line of the syntax error
 
 
 def test_every_shipped_config_validates():
